@@ -1,0 +1,162 @@
+"""The module-level API: forward, run_parallel, AsyncModule and the default pool."""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import threading
+from typing import TYPE_CHECKING, Any, Final
+
+from ._call import Call, ModuleSpec, check_module
+from .pools._base import Pool, parse_parallel, run_calls
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEFAULT", "AsyncModule", "default_pool", "forward", "run_parallel", "set_default_pool"]
+
+
+class _Default(enum.Enum):
+    DEFAULT = "DEFAULT"
+
+    def __repr__(self) -> str:
+        return "aioforward.DEFAULT"
+
+
+DEFAULT: Final = _Default.DEFAULT
+"""Sentinel for ``pool=``: use :func:`default_pool` (distinct from ``None``)."""
+
+_default: Pool | None = None
+_default_lock = threading.Lock()
+_default_owned = False  # True when we created it (and so must close it at exit)
+
+
+def default_pool() -> Pool:
+    """The process-wide pool used when ``pool=`` is not given.
+
+    Created on first use: a :class:`ThreadPool` with one thread per usable CPU.
+    Threads add the least per call (tens of microseconds) and share weights;
+    see the README for when a :class:`ProcessPool` is the better default and
+    :func:`set_default_pool` to install one::
+
+        pool = aioforward.default_pool()
+        print(pool.stats())
+    """
+    global _default, _default_owned
+    pool = _default
+    if pool is not None and not pool.closed:
+        return pool
+    with _default_lock:
+        if _default is None or _default.closed:
+            from .pools.thread import ThreadPool
+
+            _default = ThreadPool(name="aioforward-default")
+            _default_owned = True
+        return _default
+
+
+def set_default_pool(pool: Pool | None) -> Pool | None:
+    """Install ``pool`` as the process-wide default; return the previous one (or None).
+
+    ``None`` goes back to a lazily created thread pool. A default pool that
+    aioforward created itself is closed when it is replaced; one you installed
+    stays yours to close::
+
+        aioforward.set_default_pool(aioforward.ProcessPool(workers=2))
+    """
+    global _default, _default_owned
+    if pool is not None and not isinstance(pool, Pool):
+        raise TypeError(f"pool must be an aioforward Pool or None, got {pool!r}")
+    with _default_lock:
+        previous, owned = _default, _default_owned
+        _default, _default_owned = pool, False
+    if owned and previous is not None:
+        previous.close()
+        return None
+    return previous
+
+
+@atexit.register
+def _close_default() -> None:
+    with _default_lock:
+        pool = _default if _default_owned else None
+    if pool is not None:
+        pool.close()
+
+
+def _pool(pool: Pool | _Default) -> Pool:
+    if pool is DEFAULT:
+        return default_pool()
+    if not isinstance(pool, Pool):
+        raise TypeError(f"pool must be an aioforward Pool or aioforward.DEFAULT, got {pool!r}")
+    return pool
+
+
+async def forward(
+    module: torch.nn.Module | ModuleSpec,
+    /,
+    *args: Any,
+    pool: Pool | _Default = DEFAULT,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run ``module(*args, **kwargs)`` in a pool and return its result; the loop stays free.
+
+    Example::
+
+        logits = await aioforward.forward(model, input_ids, attention_mask=mask)
+
+    ``timeout`` (seconds) raises the built-in ``TimeoutError``; cancelling the
+    awaiting task cancels the call (a queued call never runs; a running one is
+    released, see :class:`~aioforward.ForwardFuture`).
+    """
+    check_module(module, "module")
+    return await _pool(pool).submit_call(Call(module, args, kwargs), timeout=timeout)
+
+
+async def run_parallel(
+    *modules_and_args: Any,
+    pool: Pool | _Default = DEFAULT,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, ...]:
+    """Run several modules at once; return their results as a tuple in module order.
+
+    The leading ``nn.Module`` (or ``ModuleSpec``) arguments are the modules and
+    the remaining arguments go to each of them; or pass one
+    :func:`aioforward.call` per module for different arguments::
+
+        y1, y2 = await aioforward.run_parallel(encoder_a, encoder_b, x)
+        ya, yb = await aioforward.run_parallel(call(m1, x1), call(m2, x2, k=v))
+
+    When a call fails, the others are cancelled and the first failure is raised
+    as itself, with a note naming the module that failed.
+    """
+    calls = parse_parallel(modules_and_args, kwargs)
+    return await run_calls(_pool(pool), calls, timeout)
+
+
+class AsyncModule:
+    """Wrap a module so that calling it returns an awaitable forward pass.
+
+    Example::
+
+        amodel = aioforward.AsyncModule(model)
+        y = await amodel(x)
+        amodel.module.eval()     # the wrapped module stays reachable
+
+    ``pool`` defaults to :func:`default_pool` (looked up at each call).
+    """
+
+    def __init__(self, module: torch.nn.Module | ModuleSpec, pool: Pool | _Default = DEFAULT):
+        check_module(module, "module")
+        if pool is not DEFAULT and not isinstance(pool, Pool):
+            raise TypeError(f"pool must be an aioforward Pool or aioforward.DEFAULT, got {pool!r}")
+        self.module = module
+        self.pool = pool
+
+    async def __call__(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        return await _pool(self.pool).submit_call(Call(self.module, args, kwargs), timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"AsyncModule({self.module!r})"

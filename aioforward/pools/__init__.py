@@ -1,0 +1,1 @@
+"""The pool backends; import them from :mod:`aioforward`."""

@@ -1,0 +1,112 @@
+"""Shared fixtures: every async test runs on asyncio, asyncio+uvloop and trio, and
+every test is checked for leaked threads, processes, /dev/shm segments, file
+descriptors and capacity tokens."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+import pytest
+import torch
+
+import aioforward
+from aioforward import _api
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+torch.set_num_threads(1)  # tests run two workers on two cores; keep the parent quiet
+
+pytest_plugins = ["anyio"]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="asyncio+uvloop"),
+        pytest.param(("trio", {}), id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    return request.param  # type: ignore[no-any-return]
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("aiofwd")}
+    except OSError:
+        return set()
+
+
+def _fds() -> dict[str, str]:
+    """Open descriptors, minus event-loop internals (epoll/eventfd/signalfd): the anyio
+    runner keeps a loop alive across tests, and those are not ours to close."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if not target.startswith("anon_inode:"):
+            out[fd] = target
+    return out
+
+
+def _threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("aioforward")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prime_process_globals() -> None:
+    """Allocate once what the loops keep for the process's lifetime (uvloop's signal
+    wake-up pipe), so the per-test descriptor check sees only what a test leaked."""
+    import uvloop
+
+    async def nothing() -> None:
+        pass
+
+    uvloop.run(nothing())
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves threads, processes, shm segments, fds or the default pool."""
+    me = psutil.Process()
+    threads, children = _threads(), {p.pid for p in me.children(recursive=True)}
+    shm, fds = _shm_entries(), _fds()
+    yield
+    if _api._default_owned:  # a test used the lazily created default pool: retire it
+        aioforward.set_default_pool(None)
+    deadline = time.monotonic() + 5
+    while True:
+        gc.collect()
+        extra_threads = _threads() - threads
+        extra_children = [
+            p
+            for p in me.children(recursive=True)
+            if p.pid not in children and p.status() != psutil.STATUS_ZOMBIE
+        ]
+        extra_shm = _shm_entries() - shm
+        now_fds = _fds()
+        extra_fds = {k: v for k, v in now_fds.items() if fds.get(k) != v}
+        if not (extra_threads or extra_children or extra_shm or extra_fds):
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    pytest.fail(
+        f"leaked: threads={sorted(t.name for t in extra_threads)} "
+        f"processes={[p.pid for p in extra_children]} shm={sorted(extra_shm)} "
+        f"fds={extra_fds}"
+    )
+
+
+def assert_pool_idle(pool: aioforward.Pool) -> None:
+    s = pool.stats()
+    assert (s.busy, s.queued) == (0, 0), s

@@ -1,0 +1,106 @@
+"""Modules used by the tests; importable by name so process workers can load them."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(10, 20)
+        self.b = nn.Linear(20, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def mlp(width: int = 1024, depth: int = 4) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class Gate(nn.Module):
+    """Blocks in forward until ``release`` is set (threads only: events do not cross processes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.entered.set()
+        if not self.release.wait(30):
+            raise RuntimeError("Gate was never released")
+        return x + 1
+
+
+class Sleep(nn.Module):
+    """Sleeps ``x.item()`` seconds (or ``seconds``), then returns the pid of the worker."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        delay = self.seconds if x is None else float(x.item())
+        time.sleep(delay)
+        return torch.tensor(os.getpid())
+
+
+class Pid(nn.Module):
+    def forward(self, x: Any = None) -> int:
+        return os.getpid()
+
+
+class Boom(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"boom: {tuple(x.shape)}")
+
+
+class Point(NamedTuple):
+    x: torch.Tensor
+    label: str
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    extra: dict[str, Any]
+
+
+class ModelOutput(OrderedDict):  # type: ignore[type-arg]
+    """Shaped like Hugging Face's ModelOutput: an OrderedDict with attribute access."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+
+class Nested(nn.Module):
+    """Takes and returns nested structures of tensors and plain values."""
+
+    def forward(self, p: Point, d: dict[str, Any], *, scale: float = 1.0) -> tuple[Any, ...]:
+        out = Output(
+            logits=p.x * scale, extra={"label": p.label, "items": [t * 2 for t in d["ts"]]}
+        )
+        return out, ModelOutput(hidden=p.x + 1, n=len(d["ts"])), [None, 3, "s"]
+
+
+def build_tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Tiny()

@@ -1,0 +1,58 @@
+"""ThreadPool specifics: torch thread budget, inference mode, grad=True."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aioforward as af
+
+from .models import Tiny
+
+pytestmark = pytest.mark.anyio
+
+
+class Probe(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[bool, bool, int]:
+        return torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads()
+
+
+async def test_inference_mode_by_default_and_thread_budget() -> None:
+    before = torch.get_num_threads()
+    async with af.ThreadPool(workers=1, threads_per_worker=2) as pool:
+        inference, grad, threads = await pool.forward(Probe(), torch.zeros(1))
+    assert inference and not grad and threads == 2
+    assert torch.get_num_threads() == before  # restored on close
+
+
+async def test_default_budget_divides_usable_cpus() -> None:
+    async with af.ThreadPool(workers=af.usable_cpus()) as pool:
+        _, _, threads = await pool.forward(Probe(), torch.zeros(1))
+    assert threads == 1
+
+
+async def test_grad_true_runs_with_autograd() -> None:
+    m = Tiny()
+    x = torch.randn(2, 10)
+    async with af.ThreadPool(workers=1, grad=True) as pool:
+        y = await pool.forward(m, x)
+    assert y.requires_grad
+    y.sum().backward()
+    assert m.a.weight.grad is not None
+
+
+async def test_train_eval_mode_left_as_user_set() -> None:
+    m = torch.nn.Dropout(0.5)
+    x = torch.ones(1000)
+    async with af.ThreadPool(workers=1) as pool:
+        m.eval()
+        assert torch.equal(await pool.forward(m, x), x)
+        m.train()
+        assert not torch.equal(await pool.forward(m, x), x)
+
+
+def test_threads_per_worker_zero_leaves_torch_alone() -> None:
+    torch.set_num_threads(1)
+    with af.ThreadPool(workers=2, threads_per_worker=0) as pool:
+        assert pool.submit(Probe(), torch.zeros(1)).result(5)[0]
+        assert torch.get_num_threads() == 1
