@@ -37,6 +37,7 @@ from .pools._base import Latency as Latency
 from .pools._base import MapResult as MapResult
 from .pools._base import Pool as Pool
 from .pools._base import PoolStats as PoolStats
+from .pools.process import ProcessPool as ProcessPool
 from .pools.thread import ThreadPool as ThreadPool
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = (
     "Pool",
     "PoolClosedError",
     "PoolStats",
+    "ProcessPool",
     "QueueFullError",
     "RemoteError",
     "RemoteTraceback",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import runpy
+import importlib
 import sys
 from pathlib import Path
 
@@ -29,9 +29,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    # Import it as a module (benchmarks.run), not as __main__: spawned workers of the
+    # alternatives it measures must find its functions by name.
+    sys.path.insert(0, str(script.parent.parent))
+    bench = importlib.import_module("benchmarks.run")
+    return int(bench.main(rest))
 
 
 def _find_bench() -> Path | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import torch
@@ -17,7 +17,11 @@ from . import _models
 from ._api import run_parallel
 from ._cpus import usable_cpus
 from .monitor import LoopLagMonitor
+from .pools.process import ProcessPool
 from .pools.thread import ThreadPool
+
+if TYPE_CHECKING:
+    from .pools._base import Pool
 
 Round = Callable[[], Awaitable[Any]]
 
@@ -52,7 +56,7 @@ async def _demo(rounds: int, console: Console) -> list[tuple[str, dict[str, floa
             m1(x1)
             m2(x2)
 
-    thread_pool: ThreadPool | None = None
+    thread_pool: Pool | None = None
 
     async def threads() -> None:
         assert thread_pool is not None
@@ -64,6 +68,7 @@ async def _demo(rounds: int, console: Console) -> list[tuple[str, dict[str, floa
             lambda: direct,
         ),
         ("run_parallel on ThreadPool(workers=2)", lambda: threads),
+        ("run_parallel on ProcessPool(workers=2)", lambda: threads),
     ]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("demo", total=len(modes) * (rounds + 1))
@@ -71,6 +76,9 @@ async def _demo(rounds: int, console: Console) -> list[tuple[str, dict[str, floa
             progress.update(task, description=label.split(" (")[0])
             if "ThreadPool" in label:
                 thread_pool = ThreadPool(workers=2)
+            elif "ProcessPool" in label:
+                thread_pool = ProcessPool(workers=2)
+                await thread_pool.warmup(m1, m2)
             try:
                 results.append(
                     (label, await _measure(make(), rounds, lambda: progress.advance(task)))

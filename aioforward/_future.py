@@ -113,7 +113,8 @@ async def wait_all(futures: Sequence[ForwardFuture[Any]], labels: Sequence[str])
     (in time) is raised as itself, with a note ``labels[i]`` naming the call.
     """
     lock = threading.Lock()
-    left = [sum(1 for f in futures if not f.done())]
+    pending = [f for f in futures if not f.done()]
+    left = [len(pending)]
     first: list[ForwardFuture[Any]] = [f for f in futures if f.done() and _failed(f)][:1]
     if left[0] and not first:
         wake, wait = _waker()
@@ -128,9 +129,8 @@ async def wait_all(futures: Sequence[ForwardFuture[Any]], labels: Sequence[str])
             if fire:
                 wake()
 
-        for f in futures:
-            if not f.done():
-                f.add_done_callback(on_done)
+        for f in pending:  # a future done meanwhile runs on_done at once: none is missed
+            f.add_done_callback(on_done)
         try:
             await wait()
         except BaseException:

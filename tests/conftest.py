@@ -37,9 +37,16 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object
     return request.param  # type: ignore[no-any-return]
 
 
+LONG_LIVED_SHM: set[str] = set()  # prefixes of module-scoped pools: their warm segments stay
+
+
 def _shm_entries() -> set[str]:
     try:
-        return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("aiofwd")}
+        return {
+            p.name
+            for p in Path("/dev/shm").iterdir()
+            if p.name.startswith("aiofwd") and not p.name.startswith(tuple(LONG_LIVED_SHM))
+        }
     except OSError:
         return set()
 

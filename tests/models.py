@@ -104,3 +104,99 @@ class Nested(nn.Module):
 def build_tiny(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return Tiny()
+
+
+class Exit(nn.Module):
+    """Ends its worker process: os._exit(code), or a real segfault with code < 0."""
+
+    def __init__(self, code: int = 3) -> None:
+        super().__init__()
+        self.code = code
+
+    def forward(self, x: Any = None) -> Any:
+        if self.code < 0:
+            import ctypes
+
+            ctypes.string_at(0)  # SIGSEGV
+        os._exit(self.code)
+
+
+class Hog(nn.Module):
+    """Allocates far more than the worker's RLIMIT_AS allows."""
+
+    def forward(self, x: Any = None) -> torch.Tensor:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+        return torch.empty(1 << 34, dtype=torch.uint8)
+
+
+class Unpicklable(Exception):
+    def __init__(self, a: int, b: int) -> None:  # pickle calls cls(msg): rebuilding fails
+        super().__init__(f"{a}-{b}")
+
+
+class RaiseUnpicklable(nn.Module):
+    def forward(self, x: Any = None) -> Any:
+        raise Unpicklable(1, 2)
+
+
+class ReturnLambda(nn.Module):
+    def forward(self, x: Any = None) -> Any:
+        return lambda: 1
+
+
+def _fail_in_parent() -> Any:
+    if os.environ.get("AIOFWD_TEST_WORKER") != "1":
+        raise RuntimeError("this object only unpickles in a worker")
+    return 1
+
+
+class ParentFails:
+    def __reduce__(self) -> Any:
+        return (_fail_in_parent, ())
+
+
+class ReturnParentFails(nn.Module):
+    def forward(self, x: Any = None) -> Any:
+        return ParentFails()
+
+
+class KillOnUnpickle:
+    def __reduce__(self) -> Any:
+        return (os._exit, (7,))
+
+
+class Shout(nn.Module):
+    def forward(self, x: Any = None) -> int:
+        import sys
+
+        for _ in range(200):
+            sys.stderr.write("x" * 10_000 + "\n")
+        return 1
+
+
+class Echo(nn.Module):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return args, kwargs
+
+
+def set_worker_flag() -> None:
+    os.environ["AIOFWD_TEST_WORKER"] = "1"
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("initializer says no")
+
+
+def failing_factory() -> nn.Module:
+    raise RuntimeError("factory says no")
+
+
+class Big(nn.Module):
+    def __init__(self, mb: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(mb * 1024 * 1024 // 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w[:1] * x

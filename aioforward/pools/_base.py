@@ -239,27 +239,30 @@ class Pool(concurrent.futures.Executor, abc.ABC):
     ) -> None:
         """The work of ``item`` ended. ``release=False``: its worker is gone, no slot returns."""
         fut = item.future
-        try:
-            if exc is None:
-                fut.set_result(result)
-            else:
-                fut.set_exception(exc)
-        except concurrent.futures.InvalidStateError:
-            pass  # cancelled or timed out earlier: the result is discarded
+        abandoned = fut.done()  # cancelled or timed out earlier: the result is discarded
         nxt = None
+        # Account first, complete the future second: a caller woken by the result must
+        # already see the slot returned in stats().
         with self._lock:
             self._busy -= 1
-            if exc is None and not fut.cancelled():
+            if exc is None and not abandoned:
                 self._completed += 1
                 self._lat_compute.append(item.compute_s)
                 self._lat_transfer.append(item.transfer_s)
-            elif exc is not None:
+            elif exc is not None and not abandoned:
                 self._failed += 1
             if release:
                 nxt = self._pop_queued_locked()
                 if nxt is None:
                     self._free += 1
             self._idle.notify_all()
+        try:
+            if exc is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
         if nxt is not None:
             self._run(nxt)
 

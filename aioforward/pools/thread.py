@@ -33,7 +33,7 @@ from ._base import Pool, _WorkItem
 __all__ = ["ThreadPool"]
 
 _torch_threads_lock = threading.Lock()
-_torch_threads_owners: list[tuple[ThreadPool, int]] = []  # (pool, value to restore)
+_torch_threads_owners: list[tuple[Pool, int]] = []  # (pool, value to restore)
 
 
 class ThreadPool(Pool):
@@ -155,13 +155,13 @@ class ThreadPool(Pool):
                 self._build(m)
 
 
-def _claim_torch_threads(pool: ThreadPool, n: int) -> None:
+def _claim_torch_threads(pool: Pool, n: int) -> None:
     with _torch_threads_lock:
         _torch_threads_owners.append((pool, torch.get_num_threads()))
         torch.set_num_threads(n)
 
 
-def _release_torch_threads(pool: ThreadPool) -> None:
+def _release_torch_threads(pool: Pool) -> None:
     """Restore torch's thread count once the last pool that changed it closes."""
     with _torch_threads_lock:
         idx = next((i for i, (p, _) in enumerate(_torch_threads_owners) if p is pool), None)

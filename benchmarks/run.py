@@ -1,0 +1,436 @@
+"""aioforward's benchmark suite: every pool against the alternatives, in one run.
+
+    python -m aioforward bench [--quick] [--out DIR]
+
+Writes DIR/results.json (every raw figure), DIR/report.md (the table of targets)
+and DIR/report.png (overheads, speed-ups, loop lag). Each figure is a median over
+repeats after a warm-up; each target is a ratio against a baseline measured in
+the same run, since absolute times drift on shared machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_process
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+import aioforward as af
+from aioforward import _models
+
+R: dict[str, Any] = {}  # name -> {"median": s, "min": s, "max": s, "n": int}
+
+
+def record(name: str, samples: list[float]) -> float:
+    R[name] = {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+    }
+    return float(R[name]["median"])
+
+
+async def per_call(name: str, fn: Callable[[], Awaitable[Any]], n: int) -> float:
+    for _ in range(max(5, n // 10)):
+        await fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fn()
+        ts.append(time.perf_counter() - t0)
+    return record(name, ts)
+
+
+async def rounds(name: str, fn: Callable[[], Awaitable[Any]], n: int) -> float:
+    await fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fn()
+        ts.append(time.perf_counter() - t0)
+    return record(name, ts)
+
+
+async def lag_during(name: str, fn: Callable[[], Awaitable[Any]], n: int) -> None:
+    await fn()
+    async with af.LoopLagMonitor() as lag:
+        for _ in range(n):
+            await fn()
+            await asyncio.sleep(0.002)  # a blocking round shows up as one long late beat
+    s = lag.stats()
+    R[name] = {"p50": s.p50, "p99": s.p99, "max": s.max, "samples": s.samples}
+
+
+# ---------------------------------------------------------------- alternatives
+_pe_module: torch.nn.Module | None = None
+
+
+def _pe_init(kind: str) -> None:
+    global _pe_module
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    _pe_module = getattr(_models, kind)()
+
+
+def _pe_run(x: Any) -> Any:
+    assert _pe_module is not None
+    with torch.inference_mode():
+        return _pe_module(x)
+
+
+def _rebuild_and_run(kind: str, x: Any, q: Any) -> None:  # the seed approach
+    torch.manual_seed(0)
+    m = getattr(_models, kind)()
+    with torch.inference_mode():
+        q.put(m(x).numpy())  # a tensor would go by fd, gone once this process exits
+
+
+def _seed_call(kind: str, x: Any) -> Any:
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_rebuild_and_run, args=(kind, x, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def _direct(m: torch.nn.Module, x: Any) -> Any:
+    with torch.inference_mode():
+        return m(x)
+
+
+# ---------------------------------------------------------------- scenarios
+async def overhead(loop_name: str, quick: bool, advance: Callable[[], None]) -> None:
+    n = 300 if quick else 2000
+    m, x = _models.tiny(), _models.INPUTS["tiny"]()
+    torch.set_num_threads(1)
+    await per_call(f"{loop_name}/tiny/direct", lambda: _async(_direct, m, x), n)
+    await per_call(f"{loop_name}/tiny/to_thread", lambda: asyncio.to_thread(_direct, m, x), n)
+    async with af.ThreadPool(workers=2) as tp:
+        await per_call(f"{loop_name}/tiny/ThreadPool", lambda: tp.forward(m, x), n)
+    advance()
+    async with af.ProcessPool(workers=2) as pp:
+        await pp.warmup(m, example=x)
+        await per_call(f"{loop_name}/tiny/ProcessPool", lambda: pp.forward(m, x), n)
+    advance()
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(
+        2, mp_context=multiprocessing.get_context("spawn"), initializer=_pe_init, initargs=("tiny",)
+    ) as ex:
+        await per_call(
+            f"{loop_name}/tiny/ProcessPoolExecutor",
+            lambda: loop.run_in_executor(ex, _pe_run, x),
+            n // 2,
+        )
+    advance()
+    await per_call(
+        f"{loop_name}/tiny/anyio.to_process",
+        lambda: anyio.to_process.run_sync(_direct, m, x),
+        n // 2,
+    )
+    advance()
+
+
+async def _async(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+async def parallel(kind: str, quick: bool, advance: Callable[[], None]) -> None:
+    n = 3 if quick else 10
+    torch.manual_seed(0)
+    m1, m2 = getattr(_models, kind)(), getattr(_models, kind)()
+    x = _models.INPUTS[kind]()
+    cpus = af.usable_cpus()
+
+    async def serial() -> None:
+        _direct(m1, x)
+        _direct(m2, x)
+
+    torch.set_num_threads(1)
+    await rounds(f"{kind}/serial-1-thread", serial, n)
+    torch.set_num_threads(cpus)
+    await rounds(f"{kind}/direct-default-threads", serial, n)
+    await lag_during(f"lag/{kind}/direct", serial, n)
+    torch.set_num_threads(1)
+    advance()
+    async with af.ThreadPool(workers=2) as tp:
+        await rounds(f"{kind}/ThreadPool", lambda: tp.run_parallel(m1, m2, x), n)
+        await lag_during(f"lag/{kind}/ThreadPool-both-cores", lambda: tp.run_parallel(m1, m2, x), n)
+    advance()
+    async with af.ProcessPool(workers=2, threads_per_worker=1) as pp:
+        await pp.warmup(m1, m2, example=x)
+        await rounds(f"{kind}/ProcessPool", lambda: pp.run_parallel(m1, m2, x), n)
+        await lag_during(
+            f"lag/{kind}/ProcessPool-both-cores", lambda: pp.run_parallel(m1, m2, x), n
+        )
+        await lag_during(f"lag/{kind}/ProcessPool-one-call", lambda: pp.forward(m1, x), n)
+    advance()
+
+
+async def big_transfer(quick: bool, advance: Callable[[], None]) -> None:
+    n = 3 if quick else 10
+    big = torch.randn(16 * 1024 * 1024)  # 64 MiB
+    record("64MiB/clone", [_timed(big.clone) for _ in range(n + 1)][1:])
+    ident = torch.nn.Identity()
+    async with af.ProcessPool(workers=1) as pp:
+        await rounds("64MiB/ProcessPool-round-trip", lambda: pp.forward(ident, big), n)
+    advance()
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+async def startup(quick: bool, advance: Callable[[], None]) -> None:
+    m, x = _models.mlp(), _models.INPUTS["mlp"]()
+    ts = []
+    for _ in range(1 if quick else 3):
+        t0 = time.perf_counter()
+        async with af.ProcessPool(workers=2) as pp:
+            await pp.warmup(m, example=x)
+            ts.append(time.perf_counter() - t0)
+    record("start/ProcessPool-2-workers-module-loaded", ts)
+    advance()
+
+
+async def throughput(quick: bool, advance: Callable[[], None]) -> None:
+    m, x = _models.tiny(), _models.INPUTS["tiny"]()
+    callers, each = 32, (10 if quick else 50)
+    for name, make in [
+        ("ThreadPool", lambda: af.ThreadPool(workers=2)),
+        ("ProcessPool", lambda: af.ProcessPool(workers=2)),
+    ]:
+        async with make() as pool:
+            await pool.warmup(m, example=x)
+
+            async def caller(pool: af.Pool = pool) -> None:
+                for _ in range(each):
+                    await pool.forward(m, x)
+
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for _ in range(callers):
+                    tg.start_soon(caller)
+            R[f"throughput/{name}"] = {"calls_per_s": callers * each / (time.perf_counter() - t0)}
+        advance()
+
+
+async def seed(quick: bool, advance: Callable[[], None]) -> None:
+    x = _models.INPUTS["tiny"]()
+    ts = [_timed(lambda: _seed_call("tiny", x)) for _ in range(2 if quick else 3)]
+    record("asyncio/tiny/seed-process-per-call", ts)
+    advance()
+
+
+# ---------------------------------------------------------------- report
+def ratio(a: str, b: str, key: str = "median") -> float:
+    return float(R[a][key]) / float(R[b][key])
+
+
+def targets() -> list[tuple[str, str, str, bool]]:
+    rows = []
+
+    def add(name: str, target: str, value: str, ok: bool) -> None:
+        rows.append((name, target, value, ok))
+
+    for loop in ("asyncio", "uvloop"):
+        direct = R[f"{loop}/tiny/direct"]["median"]
+        tp = R[f"{loop}/tiny/ThreadPool"]["median"] - direct
+        tt = R[f"{loop}/tiny/to_thread"]["median"] - direct
+        add(
+            f"ThreadPool added per call, tiny ({loop})",
+            "<= 30 us (uvloop) and <= 0.8x to_thread",
+            f"{tp * 1e6:.0f} us = {tp / tt:.2f}x to_thread ({tt * 1e6:.0f} us)",
+            tp / tt <= 0.8 and (loop != "uvloop" or tp <= 30e-6),
+        )
+    pp = R["asyncio/tiny/ProcessPool"]["median"]
+    add(
+        "ProcessPool round trip, tiny (asyncio)",
+        "<= 100 us; beat anyio.to_process",
+        f"{pp * 1e6:.0f} us; to_process {R['asyncio/tiny/anyio.to_process']['median'] * 1e6:.0f} us,"
+        f" ProcessPoolExecutor {R['asyncio/tiny/ProcessPoolExecutor']['median'] * 1e6:.0f} us",
+        pp <= 100e-6,
+    )
+    seed_ratio = R["asyncio/tiny/seed-process-per-call"]["median"] / pp
+    add(
+        "seed approach / ProcessPool per call",
+        ">= 10,000x",
+        f"{seed_ratio:,.0f}x",
+        seed_ratio >= 10_000,
+    )
+    for kind in ("mlp", "conv"):
+        for pool in ("ThreadPool", "ProcessPool"):
+            s = ratio(f"{kind}/serial-1-thread", f"{kind}/{pool}")
+            d = ratio(f"{kind}/direct-default-threads", f"{kind}/{pool}")
+            if kind == "mlp":
+                add(
+                    f"run_parallel 2 x mlp, {pool} vs serial 1 thread",
+                    ">= 1.85x",
+                    f"{s:.2f}x",
+                    s >= 1.85,
+                )
+            add(
+                f"run_parallel 2 x {kind}, {pool} vs direct default threads",
+                ">= 0.95x",
+                f"{d:.2f}x",
+                d >= 0.95,
+            )
+    rt = ratio("64MiB/ProcessPool-round-trip", "64MiB/clone")
+    add("64 MiB round trip / one clone", "<= 4x", f"{rt:.2f}x", rt <= 4)
+    for pool in ("ThreadPool", "ProcessPool"):
+        p99 = R[f"lag/mlp/{pool}-both-cores"]["p99"]
+        add(
+            f"heartbeat p99, both cores computing ({pool})",
+            "<= 5 ms",
+            f"{p99 * 1e3:.2f} ms",
+            p99 <= 5e-3,
+        )
+    p99 = R["lag/mlp/ProcessPool-one-call"]["p99"]
+    add(
+        "heartbeat p99, one call in flight (ProcessPool)",
+        "<= 1 ms",
+        f"{p99 * 1e3:.2f} ms",
+        p99 <= 1e-3,
+    )
+    add(
+        "heartbeat max, direct call (baseline)",
+        "(frozen)",
+        f"{R['lag/mlp/direct']['max'] * 1e3:.1f} ms",
+        True,
+    )
+    st = R["start/ProcessPool-2-workers-module-loaded"]["median"]
+    add("ProcessPool start, 2 workers ready with module", "<= 2.5 s", f"{st:.2f} s", st <= 2.5)
+    return rows
+
+
+def write_report(out: Path, console: Console, quick: bool) -> None:
+    rows = targets()
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {af.usable_cpus()} usable CPUs, Python "
+        f"{platform.python_version()}, torch {torch.__version__}",
+        "quick": quick,
+        "command": "python -m aioforward bench" + (" --quick" if quick else ""),
+    }
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "results": R, "targets": rows}, indent=2)
+    )
+    md = [
+        f"Measured {meta['date']} on {meta['machine']} with `{meta['command']}`.",
+        "",
+        "| figure | target | measured | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    md += [f"| {n} | {t} | {v} | {'yes' if ok else '**no**'} |" for n, t, v, ok in rows]
+    md += [
+        "",
+        "| per call, tiny module (asyncio) | median | min | max |",
+        "| --- | --- | --- | --- |",
+    ]
+    for k, v in R.items():
+        if k.startswith("asyncio/tiny/"):
+            md.append(
+                f"| {k.split('/')[-1]} | {v['median'] * 1e6:,.0f} us | "
+                f"{v['min'] * 1e6:,.0f} us | {v['max'] * 1e6:,.0f} us |"
+            )
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    table = Table(title="aioforward benchmarks: targets")
+    for col in ("figure", "target", "measured", "met"):
+        table.add_column(col)
+    for n, t, v, ok in rows:
+        table.add_row(n, t, v, "[green]yes[/]" if ok else "[red]no[/]")
+    console.print(table)
+    plot(out)
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = [k for k in R if k.startswith("asyncio/tiny/")]
+    axes[0].barh([n.split("/")[-1] for n in names], [R[n]["median"] * 1e6 for n in names])
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("per call, tiny module (us, log)")
+    labels, values = [], []
+    for kind in ("mlp", "conv"):
+        for pool in ("ThreadPool", "ProcessPool"):
+            labels.append(f"{kind} {pool}")
+            values.append(ratio(f"{kind}/serial-1-thread", f"{kind}/{pool}"))
+    axes[1].bar(labels, values)
+    axes[1].axhline(2.0, color="k", linestyle="--", label="2-core limit")
+    axes[1].set_ylabel("speed-up vs one after the other")
+    axes[1].legend()
+    axes[1].tick_params(axis="x", rotation=20)
+    lags = [k for k in R if k.startswith("lag/")]
+    axes[2].barh([k[4:] for k in lags], [R[k]["p99"] * 1e3 for k in lags])
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("event-loop lag p99 (ms, log)")
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=90)
+
+
+async def main_async(quick: bool, progress: Progress, task: Any) -> None:
+    def advance() -> None:
+        progress.advance(task)
+
+    await overhead("asyncio", quick, advance)
+    await seed(quick, advance)
+    await parallel("mlp", quick, advance)
+    await parallel("conv", quick, advance)
+    await big_transfer(quick, advance)
+    await startup(quick, advance)
+    await throughput(quick, advance)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m aioforward bench")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (under 2 minutes)")
+    ap.add_argument("--out", default="bench-results", help="folder for the JSON, MD and PNG")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    t0 = time.perf_counter()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarks", total=22)
+        asyncio.run(main_async(args.quick, progress, task))
+        import uvloop
+
+        async def uv() -> None:
+            await overhead("uvloop", args.quick, lambda: progress.advance(task))
+
+        uvloop.run(uv())
+    R["meta/seconds"] = {"total": time.perf_counter() - t0}
+    write_report(out, console, args.quick)
+    console.print(
+        f"wrote {out}/results.json, report.md, report.png in {R['meta/seconds']['total']:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""ProcessPool: RELIABILITY.md's process scenarios, one test each (numbers in the names)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+import psutil
+import pytest
+import torch
+
+import aioforward as af
+
+from . import models as M
+from .conftest import LONG_LIVED_SHM, assert_pool_idle
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.anyio
+
+
+async def ready(pool: af.ProcessPool) -> None:
+    """Wait until every worker has started (a fresh pool queues calls meanwhile)."""
+    with anyio.fail_after(60):
+        while pool.stats().workers < pool.workers:
+            await anyio.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[af.ProcessPool]:
+    """A pool for the scenarios that leave every worker alive (saves worker starts)."""
+    with af.ProcessPool(workers=2, initializer=M.set_worker_flag, name="aioforward-shared") as p:
+        LONG_LIVED_SHM.add(p._prefix)
+        yield p
+
+
+@pytest.fixture
+def pool() -> Iterator[af.ProcessPool]:
+    with af.ProcessPool(workers=2, initializer=M.set_worker_flag) as p:
+        yield p
+
+
+async def test_results_equal_direct_call_and_structures(shared: af.ProcessPool) -> None:
+    m, x = M.Tiny(), torch.randn(3, 10)
+    with torch.inference_mode():
+        torch.testing.assert_close(await shared.forward(m, x), m(x))
+    out, mo, plain = await shared.forward(
+        M.Nested(),
+        M.Point(torch.ones(2), "a"),
+        {"ts": [torch.ones(1), torch.ones(70_000)]},
+        scale=2.0,
+    )
+    assert isinstance(out, M.Output) and isinstance(mo, M.ModelOutput)
+    assert out.logits.tolist() == [2.0, 2.0] and out.extra["items"][1].shape == (70_000,)
+    assert mo.n == 2 and plain == [None, 3, "s"]
+    assert_pool_idle(shared)
+
+
+async def test_s1_exception_keeps_type_with_worker_traceback(shared: af.ProcessPool) -> None:
+    pids = set(shared.worker_pids())
+    with pytest.raises(ValueError, match=r"boom: \(2,\)") as info:
+        await shared.forward(M.Boom(), torch.zeros(2))
+    cause = info.value.__cause__
+    assert isinstance(cause, af.RemoteTraceback)
+    assert "worker pid" in str(cause) and "Boom" not in "" and "in forward" in str(cause)
+    assert set(shared.worker_pids()) == pids  # reused, not replaced
+
+
+async def test_s2_unpicklable_exception_becomes_remote_error(shared: af.ProcessPool) -> None:
+    with pytest.raises(af.RemoteError, match="Unpicklable: 1-2") as info:
+        await shared.forward(M.RaiseUnpicklable())
+    assert info.value.type_name == "tests.models.Unpicklable"
+    assert "raise Unpicklable" in info.value.remote_traceback
+    assert (await shared.forward(M.Pid())) in shared.worker_pids()
+
+
+async def test_s3_unpicklable_module_fails_at_submit(shared: af.ProcessPool) -> None:
+    m = M.Tiny()
+    m.hook = lambda: None  # type: ignore[assignment]
+    with pytest.raises(af.SerializationError, match=r"attribute hook \(function\).*ModuleSpec"):
+        shared.submit(m, torch.zeros(1, 10))
+    assert shared.stats().busy == 0
+
+
+async def test_s4_bad_inputs_fail_alone_among_good_ones(shared: af.ProcessPool) -> None:
+    m = M.Echo()
+    good, bad = 0, 0
+    futs = []
+    for i in range(200):
+        if i % 2:
+            with pytest.raises(af.SerializationError, match="cannot be sent"):
+                shared.submit(m, lambda i=i: i)
+            bad += 1
+        else:
+            futs.append(shared.submit(m, i))
+    for i, f in enumerate(futs):
+        args, _ = await f
+        assert args == (2 * i,)
+        good += 1
+    assert (good, bad) == (100, 100)
+
+
+async def test_s5_input_that_kills_worker_on_unpickle(pool: af.ProcessPool) -> None:
+    with pytest.raises(af.WorkerCrashedError, match="exited with code 7") as info:
+        await pool.forward(M.Echo(), M.KillOnUnpickle())
+    assert info.value.exitcode == 7 and info.value.module == "Echo"
+    assert (await pool.forward(M.Echo(), 1))[0] == (1,)
+
+
+async def test_s6_result_that_cannot_cross(shared: af.ProcessPool) -> None:
+    with pytest.raises(af.SerializationError, match="could not be pickled"):
+        await shared.forward(M.ReturnLambda())
+    with pytest.raises(af.SerializationError, match="could not be unpickled in the parent"):
+        await shared.forward(M.ReturnParentFails())
+    assert (await shared.forward(M.Echo(), 5))[0] == (5,)
+
+
+async def test_s7_shape_mismatch_text_reaches_caller(shared: af.ProcessPool) -> None:
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        await shared.forward(M.Tiny(), torch.zeros(2, 3))
+
+
+async def test_s8_s9_special_values_and_tensors(shared: af.ProcessPool) -> None:
+    base = torch.arange(1_000_000, dtype=torch.float32)
+    cases = {
+        "nan": torch.tensor([float("nan"), float("inf"), -float("inf")]),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(3.5),
+        "noncontig": torch.randn(300, 200).t(),
+        "view": base[10:20],
+        "grad": torch.ones(3, requires_grad=True) * 2,
+        "bf16": torch.randn(100_000).to(torch.bfloat16),
+        "bool": torch.tensor([True, False]),
+    }
+    (got,), _ = await shared.forward(M.Echo(), cases)
+    for k, v in cases.items():
+        torch.testing.assert_close(got[k], v.detach(), equal_nan=True, msg=k)
+    assert got["view"].untyped_storage().nbytes() == 40  # not the 4 MB base
+
+
+async def test_s10_tensor_larger_than_shared_memory_limit() -> None:
+    with af.ProcessPool(workers=1, shm_limit=1 << 20) as pool:
+        with pytest.raises(af.SerializationError, match=r"4194304 bytes needed.*allows 1048576"):
+            pool.submit(M.Echo(), torch.zeros(1 << 20))
+        assert (await pool.forward(M.Echo(), 1))[0] == (1,)
+
+
+async def test_s11_many_calls_under_low_open_files_limit(shared: af.ProcessPool) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        for i in range(300):
+            size = 100_000 + (i % 7) * 50_000  # through shared memory, segments regrow
+            (y,), _ = await shared.forward(M.Echo(), torch.full((size,), float(i)))
+            assert y[0].item() == i
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_s12_sigkill_mid_forward(pool: af.ProcessPool) -> None:
+    async with anyio.create_task_group() as tg:
+        other: list[object] = []
+
+        async def run_other() -> None:
+            other.append(await pool.forward(M.Sleep(0.3)))
+
+        fut = pool.submit(M.Sleep(30))
+        with anyio.fail_after(10):
+            while not fut.running():
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.2)
+        tg.start_soon(run_other)
+        victim = fut._item.worker.pid  # type: ignore[union-attr]
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(af.WorkerCrashedError, match="SIGKILL") as info:
+            await fut
+        assert time.monotonic() - t0 < 1.0
+        assert info.value.pid == victim and info.value.module == "Sleep"
+    assert len(other) == 1  # the call on the other worker went on
+    pid = await pool.forward(M.Pid())
+    assert pid != victim
+    with anyio.fail_after(20):
+        while pool.stats().workers < 2:
+            await anyio.sleep(0.05)
+    assert pool.stats().restarts == 1
+
+
+@pytest.mark.parametrize(("code", "words"), [(3, "exited with code 3"), (-1, "SIGSEGV")])
+async def test_s13_exit_and_segfault(pool: af.ProcessPool, code: int, words: str) -> None:
+    with pytest.raises(af.WorkerCrashedError, match=words):
+        await pool.forward(M.Exit(code))
+    assert (await pool.forward(M.Echo(), 2))[0] == (2,)
+
+
+async def test_s14_out_of_memory_is_a_crash_with_hint(pool: af.ProcessPool) -> None:
+    with pytest.raises(af.WorkerCrashedError, match="ran out of memory"):
+        await pool.forward(M.Hog())
+    assert (await pool.forward(M.Echo(), 3))[0] == (3,)
+
+
+async def test_s15_failing_initializer_and_factory() -> None:
+    t0 = time.monotonic()
+    with af.ProcessPool(workers=1, initializer=M.failing_initializer) as pool:
+        with pytest.raises(af.WorkerStartError, match="initializer says no"):
+            await pool.forward(M.Echo(), 1)
+        assert time.monotonic() - t0 < 15
+        await anyio.sleep(1.0)
+        assert pool.stats().restarts <= 5  # backing off, no respawn storm
+    with af.ProcessPool(workers=1) as pool:
+        with pytest.raises(af.WorkerStartError, match="factory says no"):
+            await pool.forward(af.ModuleSpec(M.failing_factory), 1)
+        spec = af.ModuleSpec(M.build_tiny, 1)
+        assert (await pool.forward(spec, torch.zeros(1, 10))).shape == (1, 5)
+
+
+async def test_s16_hung_module_timeout_kills_and_replaces(pool: af.ProcessPool) -> None:
+    await ready(pool)
+    before = set(pool.worker_pids())
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await pool.forward(M.Sleep(60), timeout=0.3)
+    assert time.monotonic() - t0 < 0.3 + 0.1
+    with anyio.fail_after(20):
+        while pool.stats().busy or pool.stats().workers < 2:
+            await anyio.sleep(0.05)
+    assert set(pool.worker_pids()) != before
+
+
+async def test_s17_kill_on_cancel() -> None:
+    with af.ProcessPool(workers=1, kill_on_cancel=True) as pool:
+        first = await pool.forward(M.Pid())
+        with anyio.move_on_after(0.5) as scope:
+            await pool.forward(M.Sleep(60))
+        assert scope.cancelled_caught
+        assert await pool.forward(M.Pid()) != first
+
+
+async def test_s18_cancel_by_default_keeps_slot_until_done(pool: af.ProcessPool) -> None:
+    first = await pool.forward(M.Pid())
+    with anyio.move_on_after(0.3):
+        await pool.forward(M.Sleep(1.0))
+    assert pool.stats().busy == 1
+    with anyio.fail_after(10):
+        while pool.stats().busy:
+            await anyio.sleep(0.05)
+    assert first in pool.worker_pids()
+
+
+async def test_s20_run_parallel_failure_cancels_slow_sibling(pool: af.ProcessPool) -> None:
+    await ready(pool)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="boom"):
+        await pool.run_parallel(af.call(M.Sleep(2.0)), af.call(M.Boom(), torch.zeros(1)))
+    assert time.monotonic() - t0 < 1.5
+    assert pool.stats().cancelled == 1
+
+
+async def test_s21_many_callers_bounded_and_queue_full() -> None:
+    with af.ProcessPool(workers=2, max_queued=5) as pool:
+        await ready(pool)
+        futs = [pool.submit(M.Sleep(0.2)) for _ in range(7)]
+        with pytest.raises(af.QueueFullError):
+            pool.submit(M.Sleep(0.0))
+        assert pool.stats().busy <= 2
+        for f in futs:
+            await f
+
+
+def test_s22_loop_ends_with_work_in_flight_then_next_loop(pool: af.ProcessPool) -> None:
+    import asyncio
+
+    async def abandon() -> None:
+        asyncio.get_running_loop().create_task(pool.forward(M.Sleep(0.5)))
+        await asyncio.sleep(0.1)
+
+    asyncio.run(abandon())
+    assert asyncio.run(pool.forward(M.Echo(), 9))[0] == (9,)
+
+
+def test_s23_workers_exit_when_parent_is_killed(tmp_path: object) -> None:
+    code = textwrap.dedent(
+        """
+        import sys, time, aioforward as af
+        if __name__ == "__main__":
+            pool = af.ProcessPool(workers=2)
+            pool.submit(af.ModuleSpec(__import__("torch").nn.Identity), 1).result(60)
+            print(" ".join(map(str, pool.worker_pids())), flush=True)
+            time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+            time.sleep(0.1)
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        assert not alive
+    finally:
+        parent.kill()
+        if parent.stdout:
+            parent.stdout.close()
+    # the next pool sweeps what the killed parent left in /dev/shm
+    with af.ProcessPool(workers=1):
+        assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"aiofwd_{parent.pid}_")]
+
+
+async def test_s29_worker_floods_stderr(shared: af.ProcessPool) -> None:
+    with anyio.fail_after(30):
+        assert await shared.forward(M.Shout()) == 1
+
+
+async def test_shared_weights_one_copy_for_all_workers(pool: af.ProcessPool) -> None:
+    m = M.Big(200)
+    pids = pool.worker_pids()
+    await pool.forward(M.Pid())
+    await pool.forward(M.Pid())
+    before = {p: psutil.Process(p).memory_full_info().uss for p in pids}
+    await pool.warmup(m, example=torch.ones(1))
+    grew = [psutil.Process(p).memory_full_info().uss - before[p] for p in pids]
+    assert max(grew) < 50 * 2**20, grew  # each worker maps the 200 MB, none copies it
+
+
+async def test_reload_ships_changed_module(shared: af.ProcessPool) -> None:
+    m = M.Tiny()
+    x = torch.ones(1, 10)
+    y1 = await shared.forward(m, x)
+    with torch.no_grad():
+        m.b.bias += 1
+    assert torch.equal(await shared.forward(m, x), y1)  # stale until told
+    shared.reload(m)
+    torch.testing.assert_close(await shared.forward(m, x), y1 + 1)
+
+
+async def test_max_calls_per_worker_recycles() -> None:
+    with af.ProcessPool(workers=1, max_calls_per_worker=2) as pool:
+        pids = [await pool.forward(M.Pid()) for _ in range(4)]
+    assert pids[0] == pids[1] != pids[2] == pids[3]
+
+
+def test_executor_interface_from_sync_code(shared: af.ProcessPool) -> None:
+    fut = shared.submit(M.Echo(), 4)
+    assert fut.result(30)[0] == (4,)
+    assert list(shared.map(abs, [-1, -2, 3])) == [1, 2, 3]
+
+
+def test_bad_arguments() -> None:
+    for kwargs, words in [
+        ({"workers": 0}, "workers"),
+        ({"threads_per_worker": 0}, "threads"),
+        ({"max_calls_per_worker": 0}, "max_calls"),
+        ({"initializer": 3}, "initializer"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=words):
+            af.ProcessPool(**kwargs)  # type: ignore[arg-type]
