@@ -367,3 +367,18 @@ def test_bad_arguments() -> None:
     ]:
         with pytest.raises((ValueError, TypeError), match=words):
             af.ProcessPool(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_s19_cancel_before_dispatch_never_runs(shared: af.ProcessPool) -> None:
+    await ready(shared)
+    busy = [shared.submit(M.Sleep(0.3)) for _ in range(2)]  # both workers occupied
+    queued = shared.submit(M.Exit(5))  # would kill its worker if it ever ran
+    assert queued.cancel()
+    with anyio.move_on_after(0.01):  # cancelled by the caller while waiting for a slot
+        await shared.forward(M.Exit(6))
+    for f in busy:
+        await f
+    pids = set(shared.worker_pids())
+    assert (await shared.forward(M.Echo(), 1))[0] == (1,)
+    assert set(shared.worker_pids()) == pids and shared.stats().restarts == 0
+    assert_pool_idle(shared)
