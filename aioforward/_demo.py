@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import _models
 from ._api import run_parallel
+from ._call import call
 from ._cpus import usable_cpus
 from .monitor import LoopLagMonitor
 from .pools.process import ProcessPool
@@ -56,44 +57,38 @@ async def _demo(rounds: int, console: Console) -> list[tuple[str, dict[str, floa
             m1(x1)
             m2(x2)
 
-    thread_pool: Pool | None = None
+    pool: Pool | None = None
 
-    async def threads() -> None:
-        assert thread_pool is not None
-        await run_parallel(_models_call(m1, x1), _models_call(m2, x2), pool=thread_pool)
+    async def parallel() -> None:
+        assert pool is not None
+        await run_parallel(call(m1, x1), call(m2, x2), pool=pool)
 
     modes = [
         (
             f"direct calls in the coroutine, one after the other ({usable_cpus()} torch threads)",
             lambda: direct,
         ),
-        ("run_parallel on ThreadPool(workers=2)", lambda: threads),
-        ("run_parallel on ProcessPool(workers=2)", lambda: threads),
+        ("run_parallel on ThreadPool(workers=2)", lambda: parallel),
+        ("run_parallel on ProcessPool(workers=2)", lambda: parallel),
     ]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("demo", total=len(modes) * (rounds + 1))
         for label, make in modes:
             progress.update(task, description=label.split(" (")[0])
             if "ThreadPool" in label:
-                thread_pool = ThreadPool(workers=2)
+                pool = ThreadPool(workers=2)
             elif "ProcessPool" in label:
-                thread_pool = ProcessPool(workers=2)
-                await thread_pool.warmup(m1, m2)
+                pool = ProcessPool(workers=2)
+                await pool.warmup(m1, m2)
             try:
                 results.append(
                     (label, await _measure(make(), rounds, lambda: progress.advance(task)))
                 )
             finally:
-                if thread_pool is not None:
-                    await thread_pool.aclose()
-                    thread_pool = None
+                if pool is not None:
+                    await pool.aclose()
+                    pool = None
     return results
-
-
-def _models_call(m: torch.nn.Module, x: torch.Tensor) -> Any:
-    from ._call import call
-
-    return call(m, x)
 
 
 def run_demo(rounds: int = 8) -> int:

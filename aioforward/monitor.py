@@ -10,6 +10,7 @@ import anyio
 import anyio.abc
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from types import TracebackType
 
 __all__ = ["LagStats", "LoopLagMonitor"]
@@ -70,12 +71,12 @@ class LoopLagMonitor:
 
     def stats(self) -> LagStats:
         """Quantiles of the lags seen so far (zeros before the first heartbeat)."""
-        data = sorted(self._lags)
-        if not data:
-            return LagStats(0, 0.0, 0.0, 0.0)
-        return LagStats(
-            samples=len(data),
-            p50=data[len(data) // 2],
-            p99=data[min(len(data) - 1, int(len(data) * 0.99))],
-            max=data[-1],
-        )
+        return LagStats(len(self._lags), *quantiles(self._lags))
+
+
+def quantiles(samples: Iterable[float]) -> tuple[float, float, float]:
+    """(p50, p99, max) of ``samples``; zeros when there are none."""
+    data = sorted(samples)
+    if not data:
+        return 0.0, 0.0, 0.0
+    return data[len(data) // 2], data[min(len(data) - 1, int(len(data) * 0.99))], data[-1]

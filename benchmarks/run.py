@@ -48,18 +48,13 @@ def record(name: str, samples: list[float]) -> float:
 
 
 async def per_call(name: str, fn: Callable[[], Awaitable[Any]], n: int) -> float:
-    for _ in range(max(5, n // 10)):
-        await fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await fn()
-        ts.append(time.perf_counter() - t0)
-    return record(name, ts)
+    """Many short calls: a longer warm-up (10%) before timing."""
+    return await rounds(name, fn, n, warmup=max(5, n // 10))
 
 
-async def rounds(name: str, fn: Callable[[], Awaitable[Any]], n: int) -> float:
-    await fn()
+async def rounds(name: str, fn: Callable[[], Awaitable[Any]], n: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        await fn()
     ts = []
     for _ in range(n):
         t0 = time.perf_counter()

@@ -35,8 +35,9 @@ import anyio
 import torch
 
 from .._call import Call, ModuleSpec, call, check_module, module_name
-from .._future import ForwardFuture, wait_all
+from .._future import ForwardFuture, _waker, wait_all
 from ..errors import PoolClosedError, QueueFullError
+from ..monitor import quantiles
 
 __all__ = ["Latency", "Pool", "PoolStats"]
 
@@ -77,14 +78,7 @@ class PoolStats:
 
 
 def _quantiles(samples: Iterable[float]) -> Latency:
-    data = sorted(samples)
-    if not data:
-        return Latency()
-    return Latency(
-        p50=data[len(data) // 2],
-        p99=data[min(len(data) - 1, int(len(data) * 0.99))],
-        max=data[-1],
-    )
+    return Latency(*quantiles(samples))
 
 
 class _State(enum.Enum):
@@ -156,8 +150,8 @@ class Pool(concurrent.futures.Executor, abc.ABC):
     _kind = "pool"
 
     def __init__(self, *, max_queued: int | None = None, name: str | None = None) -> None:
-        if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 0):
-            raise ValueError(f"max_queued must be None or an int >= 0, got {max_queued!r}")
+        if max_queued is not None:
+            _check_int("max_queued", max_queued, 0)
         self._name = name or f"aioforward-{self._kind}"
         self._max_queued = max_queued
         self._lock = threading.Lock()
@@ -570,6 +564,12 @@ class Pool(concurrent.futures.Executor, abc.ABC):
 _P = TypeVar("_P", bound=Pool)
 
 
+def _check_int(name: str, value: object, low: int) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an int >= ``low`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None and (not isinstance(timeout, int | float) or not timeout >= 0):
         raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
@@ -681,8 +681,6 @@ class MapResult(Iterator[T], AsyncIterator[T]):
         return self
 
     async def __anext__(self) -> T:
-        from .._future import _waker
-
         self._top_up()
         if not self._inflight:
             raise StopAsyncIteration

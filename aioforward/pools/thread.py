@@ -28,7 +28,7 @@ import torch
 
 from .._call import ModuleSpec
 from .._cpus import usable_cpus
-from ._base import Pool, _WorkItem
+from ._base import Pool, _check_int, _WorkItem
 
 __all__ = ["ThreadPool"]
 
@@ -72,16 +72,10 @@ class ThreadPool(Pool):
         cpus = usable_cpus()
         if workers is None:
             workers = cpus
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        _check_int("workers", workers, 1)
         if threads_per_worker is None:
             threads_per_worker = max(1, cpus // workers)
-        if (
-            isinstance(threads_per_worker, bool)
-            or not isinstance(threads_per_worker, int)
-            or threads_per_worker < 0
-        ):
-            raise ValueError(f"threads_per_worker must be an int >= 0, got {threads_per_worker!r}")
+        _check_int("threads_per_worker", threads_per_worker, 0)
         super().__init__(max_queued=max_queued, name=name)
         self.threads_per_worker = threads_per_worker
         self.grad = bool(grad)

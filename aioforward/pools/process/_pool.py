@@ -55,7 +55,7 @@ from ...errors import (
     WorkerCrashedError,
     WorkerStartError,
 )
-from .._base import Pool, _WorkItem
+from .._base import Pool, _check_int, _WorkItem
 from ..thread import _claim_torch_threads, _release_torch_threads
 from . import _transport as tr
 from . import _worker as wk
@@ -263,7 +263,6 @@ class ProcessPool(Pool):
                         os.environ[k] = v
         child_conn.close()
         w = _Worker(wid, proc, parent_conn)
-        w.calls = 0
         with self._wlock:
             self._procs[wid] = w
         self._poke()
@@ -511,7 +510,7 @@ class ProcessPool(Pool):
         version = next(self._versions)
         try:
             shipped = tr.ship_module(module, f"{self._prefix}m{version}", self.shm_limit)
-        except SerializationError:
+        except SerializationError:  # shared memory is short: the message already says so
             raise
         except Exception as exc:
             where = tr.find_unpicklable(module)
@@ -575,25 +574,18 @@ class ProcessPool(Pool):
             table: list[Any] = []
             seg_name = None
             if need:
-                if w.req_seg is None or w.req_seg.size < need:
-                    if w.req_seg is not None:
-                        w.req_seg.unlink()
-                    w.req_gen += 1
-                    w.req_seg = None
-                    w.req_seg = tr.Segment.create(
-                        f"{self._prefix}w{w.wid}_in{w.req_gen}",
-                        max(tr.MIN_SEGMENT, 1 << (need - 1).bit_length()),
-                    )
+                w.req_seg, w.req_gen = tr.ensure_segment(
+                    w.req_seg, f"{self._prefix}w{w.wid}_in", w.req_gen, need
+                )
                 table = box.write(w.req_seg)
                 seg_name = w.req_seg.name
             shipped = None
-            mod_key = key
             if isinstance(key, tuple) and key and key[0] != "spec" and key not in w.modules:
                 entry = self._shipped.get(key[0])
                 if entry is None or entry[1] != key[1]:
                     raise RuntimeError(f"{item.call.name} was released before it could run")
                 sm = entry[2]
-                shipped = (mod_key, sm.blob, sm.seg.name if sm.seg is not None else None)
+                shipped = (key, sm.blob, sm.seg.name if sm.seg is not None else None)
             drops = [d for d in self._drops if d in w.modules]
             msg = pickle.dumps((wk.CALL, seg_name, table, drops, shipped, body), protocol=5)
         except BaseException:
@@ -601,7 +593,7 @@ class ProcessPool(Pool):
             raise
         w.modules.difference_update(drops)
         if shipped is not None:
-            w.modules.add(mod_key)
+            w.modules.add(key)
         w.item = item
         item.worker = w
         item.payload = None  # drop references to the inputs once they are copied
@@ -665,11 +657,6 @@ class ProcessPool(Pool):
         os.close(self._wake_w)
         if self.parent_threads is not None:
             _release_torch_threads(self)
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _rebuild_exception(msg: tuple[Any, ...]) -> BaseException:

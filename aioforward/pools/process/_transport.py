@@ -109,6 +109,22 @@ class Segment:
             os.unlink(SHM_DIR / self.name)
 
 
+def ensure_segment(seg: Segment | None, prefix: str, gen: int, need: int) -> tuple[Segment, int]:
+    """Return ``seg`` if it holds ``need`` bytes, else a larger replacement.
+
+    The old segment is unlinked; the new one is named ``prefix + str(gen + 1)`` and sized to
+    the next power of two (at least MIN_SEGMENT), so growth is rare and pages stay warm.
+    Returns the segment and its generation.
+    """
+    if seg is not None and seg.size >= need:
+        return seg, gen
+    if seg is not None:
+        seg.unlink()
+    gen += 1
+    size = max(MIN_SEGMENT, 1 << (need - 1).bit_length())
+    return Segment.create(f"{prefix}{gen}", size), gen
+
+
 def unlink_prefix(prefix: str) -> None:
     """Remove every segment whose name starts with ``prefix``."""
     for p in SHM_DIR.glob(prefix + "*"):
@@ -261,7 +277,7 @@ def ship_module(module: torch.nn.Module, seg_name: str, max_bytes: int | None) -
             size += _round(st.nbytes())
     seg = None
     if size:
-        _check_room(size, max_bytes)
+        check_room(size, max_bytes)
         seg = Segment.create(seg_name, max(size, ALIGN))
         for off, st in storages:
             src = torch.empty(0, dtype=torch.uint8).set_(st)
@@ -316,7 +332,8 @@ def load_module(blob: bytes, seg: Segment | None) -> torch.nn.Module:
     return module
 
 
-def _check_room(size: int, max_bytes: int | None) -> None:
+def check_room(size: int, max_bytes: int | None) -> None:
+    """Raise SerializationError (bytes needed and free) when ``size`` cannot be placed."""
     if max_bytes is not None and size > max_bytes:
         raise SerializationError(
             f"not enough shared memory: {size} bytes needed, the pool's shm_limit allows "
@@ -328,11 +345,6 @@ def _check_room(size: int, max_bytes: int | None) -> None:
             f"not enough shared memory: {size} bytes needed in {SHM_DIR}, {free} free; "
             "enlarge /dev/shm or send smaller tensors"
         )
-
-
-def check_room(size: int, max_bytes: int | None) -> None:
-    """Raise SerializationError (bytes needed and free) when ``size`` cannot be placed."""
-    _check_room(size, max_bytes)
 
 
 def find_unpicklable(module: torch.nn.Module) -> str | None:

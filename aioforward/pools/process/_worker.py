@@ -68,7 +68,7 @@ def worker_main(
 def _serve(conn: Connection, out_prefix: str, inline_bytes: int) -> None:
     import torch
 
-    from ._transport import Outbox, Segment, load_module, loads
+    from ._transport import Outbox, Segment, ensure_segment, load_module, loads
 
     modules: dict[Any, torch.nn.Module] = {}
     weights: dict[str, Segment] = {}
@@ -114,24 +114,17 @@ def _serve(conn: Connection, out_prefix: str, inline_bytes: int) -> None:
         try:
             payload = box.dumps(out)
             size = box.big_bytes()
-            if size and (out_seg is None or out_seg.size < size):
-                if out_seg is not None:
-                    out_seg.unlink()
-                generation += 1
-                from ._transport import MIN_SEGMENT
-
-                out_seg = Segment.create(
-                    f"{out_prefix}{generation}", max(MIN_SEGMENT, 1 << (size - 1).bit_length())
-                )
-            table_out = box.write(out_seg) if size and out_seg is not None else []
+            table_out = []
+            if size:
+                out_seg, generation = ensure_segment(out_seg, out_prefix, generation, size)
+                table_out = box.write(out_seg)
         except BaseException as exc:
             _send(conn, (SER_ERR, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             continue
         finally:
             del out
-        _send(
-            conn, (OK, out_seg.name if table_out and out_seg else None, table_out, payload, compute)
-        )
+        seg_name = out_seg.name if table_out and out_seg is not None else None
+        _send(conn, (OK, seg_name, table_out, payload, compute))
 
 
 def _resolve(ref: tuple[Any, ...], modules: dict[Any, Any]) -> Any:
