@@ -43,6 +43,12 @@ def transformer(d_model: int = 256, layers: int = 4) -> nn.Module:
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
 
 
+def wide(mb: int = 200) -> nn.Module:
+    """One square Linear layer holding about ``mb`` megabytes of weights."""
+    n = int((mb * 2**20 / 4) ** 0.5)
+    return nn.Sequential(nn.Linear(n, n, bias=False))
+
+
 INPUTS = {
     "tiny": lambda: torch.randn(1, 10),
     "mlp": lambda: torch.randn(256, 1024),

@@ -230,6 +230,74 @@ async def throughput(quick: bool, advance: Callable[[], None]) -> None:
         advance()
 
 
+async def memory(quick: bool, advance: Callable[[], None]) -> None:
+    """Memory of 2 workers serving one ~200 MB module: ProcessPool vs ProcessPoolExecutor
+    with the module built in each worker's initializer (a copy per worker). Counted as the
+    workers' unique memory (USS) plus, for ProcessPool, the shared segment once."""
+    import psutil
+
+    def uss(pids: list[int]) -> int:
+        return sum(psutil.Process(p).memory_full_info().uss for p in pids)
+
+    torch.manual_seed(0)
+    m = _models.wide(200)
+    size = sum(p.numel() * p.element_size() for p in m.parameters())
+    x = torch.randn(1, m[0].in_features)
+    async with af.ProcessPool(workers=2) as pp:
+        await pp.wait_ready()
+        base = uss(pp.worker_pids())
+        await pp.warmup(m, example=x)
+        loaded = uss(pp.worker_pids()) + size  # + the one shared copy
+    R["memory/ProcessPool"] = {"module": size, "workers_base": base, "total": loaded}
+    advance()
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(
+        2, mp_context=multiprocessing.get_context("spawn"), initializer=_pe_init, initargs=("wide",)
+    ) as ex:
+        await asyncio.gather(*(loop.run_in_executor(ex, _pe_run, x) for _ in range(4)))
+        pids = list(ex._processes)  # noqa: SLF001 - the executor exposes no pid list
+        R["memory/ProcessPoolExecutor"] = {"module": size, "total": uss(pids)}
+    advance()
+
+
+async def ray_actors(quick: bool, advance: Callable[[], None]) -> None:
+    """Ray actors, one per module, when ray is installed (an optional extra)."""
+    try:
+        import ray
+    except ImportError:
+        return
+
+    class Actor:
+        def __init__(self, kind: str) -> None:
+            torch.set_num_threads(1)
+            torch.manual_seed(0)
+            self.m = getattr(_models, kind)()
+
+        def forward(self, x: Any) -> Any:
+            with torch.inference_mode():
+                return self.m(x)
+
+    ray.init(num_cpus=af.usable_cpus(), include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1)(Actor)
+        tiny = remote.remote("tiny")
+        x = _models.INPUTS["tiny"]()
+        await per_call(
+            "asyncio/tiny/ray-actor", lambda: tiny.forward.remote(x), 100 if quick else 500
+        )
+        ray.kill(tiny)
+        a, b = remote.remote("mlp"), remote.remote("mlp")
+        xm = _models.INPUTS["mlp"]()
+
+        async def both() -> None:
+            await asyncio.gather(a.forward.remote(xm), b.forward.remote(xm))
+
+        await rounds("mlp/Ray", both, 3 if quick else 10)
+    finally:
+        ray.shutdown()
+    advance()
+
+
 async def seed(quick: bool, advance: Callable[[], None]) -> None:
     x = _models.INPUTS["tiny"]()
     ts = [_timed(lambda: _seed_call("tiny", x)) for _ in range(2 if quick else 3)]
@@ -273,7 +341,7 @@ def targets() -> list[tuple[str, str, str, bool]]:
         f"{seed_ratio:,.0f}x",
         seed_ratio >= 10_000,
     )
-    for kind in ("mlp", "conv"):
+    for kind in ("mlp", "conv", "transformer"):
         for pool in ("ThreadPool", "ProcessPool"):
             s = ratio(f"{kind}/serial-1-thread", f"{kind}/{pool}")
             d = ratio(f"{kind}/direct-default-threads", f"{kind}/{pool}")
@@ -315,6 +383,23 @@ def targets() -> list[tuple[str, str, str, bool]]:
     )
     st = R["start/ProcessPool-2-workers-module-loaded"]["median"]
     add("ProcessPool start, 2 workers ready with module", "<= 2.5 s", f"{st:.2f} s", st <= 2.5)
+    mem, pe = R["memory/ProcessPool"], R["memory/ProcessPoolExecutor"]
+    limit = 1.3 * mem["module"] + mem["workers_base"]
+    add(
+        "memory of 2 workers sharing a 200 MB module",
+        "<= 1.3 x one copy + 2 x worker base",
+        f"{mem['total'] / 2**20:.0f} MiB (limit {limit / 2**20:.0f} MiB; a copy per worker: "
+        f"{pe['total'] / 2**20:.0f} MiB)",
+        mem["total"] <= limit,
+    )
+    if "mlp/Ray" in R:
+        add(
+            "Ray actors (baseline): tiny per call / 2 x mlp vs serial",
+            "(comparison)",
+            f"{R['asyncio/tiny/ray-actor']['median'] * 1e6:,.0f} us / "
+            f"{ratio('mlp/serial-1-thread', 'mlp/Ray'):.2f}x",
+            True,
+        )
     return rows
 
 
@@ -370,7 +455,7 @@ def plot(out: Path) -> None:
     axes[0].set_xscale("log")
     axes[0].set_xlabel("per call, tiny module (us, log)")
     labels, values = [], []
-    for kind in ("mlp", "conv"):
+    for kind in ("mlp", "conv", "transformer"):
         for pool in ("ThreadPool", "ProcessPool"):
             labels.append(f"{kind} {pool}")
             values.append(ratio(f"{kind}/serial-1-thread", f"{kind}/{pool}"))
@@ -395,6 +480,9 @@ async def main_async(quick: bool, progress: Progress, task: Any) -> None:
     await seed(quick, advance)
     await parallel("mlp", quick, advance)
     await parallel("conv", quick, advance)
+    await parallel("transformer", quick, advance)
+    await memory(quick, advance)
+    await ray_actors(quick, advance)
     await big_transfer(quick, advance)
     await startup(quick, advance)
     await throughput(quick, advance)
@@ -411,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmarks", total=22)
+        task = progress.add_task("benchmarks", total=30)
         asyncio.run(main_async(args.quick, progress, task))
         import uvloop
 

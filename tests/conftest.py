@@ -71,9 +71,14 @@ def _threads() -> set[threading.Thread]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _prime_process_globals() -> None:
-    """Allocate once what the loops keep for the process's lifetime (uvloop's signal
-    wake-up pipe), so the per-test descriptor check sees only what a test leaked."""
+    """Allocate once what lives as long as the process (uvloop's signal wake-up pipe,
+    multiprocessing's resource tracker, started by the first spawn), so the per-test
+    checks see only what a test leaked."""
+    from multiprocessing import resource_tracker
+
     import uvloop
+
+    resource_tracker.ensure_running()
 
     async def nothing() -> None:
         pass

@@ -200,3 +200,16 @@ class Big(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w[:1] * x
+
+
+class RecordPid(nn.Module):
+    """Appends the worker's pid to ``path`` on every call."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: Any = None) -> int:
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return os.getpid()

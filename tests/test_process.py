@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from .conftest import LONG_LIVED_SHM, assert_pool_idle
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+from pathlib import Path
 
 pytestmark = pytest.mark.anyio
 
@@ -382,3 +386,82 @@ async def test_s19_cancel_before_dispatch_never_runs(shared: af.ProcessPool) -> 
     assert (await shared.forward(M.Echo(), 1))[0] == (1,)
     assert set(shared.worker_pids()) == pids and shared.stats().restarts == 0
     assert_pool_idle(shared)
+
+
+async def test_warmup_runs_once_on_every_worker(tmp_path: Path) -> None:
+    log = tmp_path / "pids"
+    with af.ProcessPool(workers=2) as pool:
+        await pool.warmup(M.RecordPid(str(log)), example=torch.zeros(1))
+        assert sorted(map(int, log.read_text().split())) == sorted(pool.worker_pids())
+
+
+async def test_released_module_is_unmapped_in_the_worker() -> None:
+    with af.ProcessPool(workers=1) as pool:
+        m = M.Big(8)
+        await pool.forward(m, torch.ones(1))
+        (pid,) = pool.worker_pids()
+        seg = next(n for n in os.listdir("/dev/shm") if n.startswith(pool._prefix + "m"))
+        assert seg in Path(f"/proc/{pid}/maps").read_text()
+        del m
+        with anyio.fail_after(5):  # the supervisor thread may still hold the finished call
+            while Path(f"/dev/shm/{seg}").exists():
+                gc.collect()
+                await anyio.sleep(0.01)
+        await pool.forward(M.Echo(), 1)  # carries the drop to the worker
+        assert seg not in Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_s30_soak_random_kills_timeouts_cancels() -> None:
+    """Hundreds of calls with random kills, timeouts and cancels: every call ends with a
+    result or a typed error, nothing leaks (the autouse fixture), parent memory stays flat."""
+    rng = random.Random(30)
+    outcomes: dict[str, int] = {}
+    me = psutil.Process()
+    with af.ProcessPool(workers=2) as pool:
+        await pool.wait_ready(timeout=60)
+
+        async def one(i: int) -> None:
+            kind = rng.choice(["ok", "ok", "ok", "big", "timeout", "cancel", "raise"])
+            try:
+                if kind == "big":
+                    (y,), _ = await pool.forward(M.Echo(), torch.full((200_000,), float(i)))
+                    assert y[0].item() == i
+                elif kind == "timeout":
+                    await pool.forward(M.Sleep(5), timeout=0.05)
+                elif kind == "cancel":
+                    with anyio.move_on_after(0.02):
+                        await pool.forward(M.Sleep(0.1))
+                    kind = "cancelled"
+                elif kind == "raise":
+                    await pool.forward(M.Boom(), torch.zeros(1))
+                else:
+                    assert (await pool.forward(M.Echo(), i))[0] == (i,)
+                outcome = kind
+            except (TimeoutError, ValueError, af.WorkerCrashedError) as exc:
+                outcome = type(exc).__name__
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+        async def killer() -> None:
+            for _ in range(4):
+                await anyio.sleep(0.5)
+                pids = pool.worker_pids()
+                if pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+
+        rss = []
+        with anyio.fail_after(120):
+            for wave in range(6):
+                async with anyio.create_task_group() as tg:
+                    if wave in (1, 3):
+                        tg.start_soon(killer)
+                    for i in range(50):
+                        tg.start_soon(one, i)
+                gc.collect()
+                rss.append(me.memory_info().rss)
+            while pool.stats().busy:
+                await anyio.sleep(0.05)
+        assert sum(outcomes.values()) == 300, outcomes
+        assert outcomes.get("ok", 0) > 50 and outcomes.get("TimeoutError", 0) > 5, outcomes
+        assert rss[-1] - rss[1] < 64 * 2**20, rss  # flat after the first wave warmed up
+        assert_pool_idle(pool)

@@ -71,7 +71,8 @@ def _serve(conn: Connection, out_prefix: str, inline_bytes: int) -> None:
     from ._transport import Outbox, Segment, ensure_segment, load_module, loads
 
     modules: dict[Any, torch.nn.Module] = {}
-    weights: dict[str, Segment] = {}
+    weights: dict[str, Segment] = {}  # weight segment name -> mapping
+    weights_of: dict[Any, str] = {}  # module key -> its weight segment name
     in_seg: Segment | None = None
     out_seg: Segment | None = None
     generation = 0
@@ -84,16 +85,21 @@ def _serve(conn: Connection, out_prefix: str, inline_bytes: int) -> None:
         if msg[0] == STOP:
             return
         _, seg_name, table, drops, shipped, body = msg
-        for key in drops:
+        for key in drops:  # modules the parent released or reloaded: unmap their weights
             modules.pop(key, None)
+            wname = weights_of.pop(key, None)
+            if wname is not None and wname not in weights_of.values():
+                weights.pop(wname, None)
         t0 = time.perf_counter()
         try:
             if seg_name is not None and (in_seg is None or in_seg.name != seg_name):
                 in_seg = Segment.attach(seg_name)
             if shipped is not None:
                 key, blob, wname = shipped
-                if wname is not None and wname not in weights:
-                    weights[wname] = Segment.attach(wname)
+                if wname is not None:
+                    if wname not in weights:
+                        weights[wname] = Segment.attach(wname)
+                    weights_of[key] = wname
                 modules[key] = load_module(blob, weights.get(wname) if wname else None)
             ref, args, kwargs = loads(body, in_seg, table, copy=False)
             fn = _resolve(ref, modules)
