@@ -21,6 +21,7 @@ from ._call import ModuleSpec as ModuleSpec
 from ._call import call as call
 from ._cpus import usable_cpus as usable_cpus
 from ._future import ForwardFuture as ForwardFuture
+from ._malloc import keep_freed_memory as keep_freed_memory
 from .errors import AioforwardError as AioforwardError
 from .errors import BrokenWorkerError as BrokenWorkerError
 from .errors import DeviceError as DeviceError
@@ -69,6 +70,7 @@ __all__ = (
     "call",
     "default_pool",
     "forward",
+    "keep_freed_memory",
     "run_parallel",
     "set_default_pool",
     "usable_cpus",

@@ -114,33 +114,31 @@ def _direct(m: torch.nn.Module, x: Any) -> Any:
 
 # ---------------------------------------------------------------- scenarios
 async def overhead(loop_name: str, quick: bool, advance: Callable[[], None]) -> None:
+    """Per-call cost of a tiny module, every approach open at once and timed in
+    interleaved blocks of 50 calls."""
     n = 300 if quick else 2000
     m, x = _models.tiny(), _models.INPUTS["tiny"]()
     torch.set_num_threads(1)
-    await per_call(f"{loop_name}/tiny/direct", lambda: _async(_direct, m, x), n)
-    await per_call(f"{loop_name}/tiny/to_thread", lambda: asyncio.to_thread(_direct, m, x), n)
-    async with af.ThreadPool(workers=2) as tp:
-        await per_call(f"{loop_name}/tiny/ThreadPool", lambda: tp.forward(m, x), n)
-    advance()
-    async with af.ProcessPool(workers=2) as pp:
-        await pp.warmup(m, example=x)
-        await per_call(f"{loop_name}/tiny/ProcessPool", lambda: pp.forward(m, x), n)
-    advance()
     loop = asyncio.get_running_loop()
-    with concurrent.futures.ProcessPoolExecutor(
-        2, mp_context=multiprocessing.get_context("spawn"), initializer=_pe_init, initargs=("tiny",)
-    ) as ex:
-        await per_call(
-            f"{loop_name}/tiny/ProcessPoolExecutor",
-            lambda: loop.run_in_executor(ex, _pe_run, x),
-            n // 2,
-        )
-    advance()
-    await per_call(
-        f"{loop_name}/tiny/anyio.to_process",
-        lambda: anyio.to_process.run_sync(_direct, m, x),
-        n // 2,
-    )
+    spawn = multiprocessing.get_context("spawn")
+    async with af.ThreadPool(workers=2) as tp, af.ProcessPool(workers=2) as pp:
+        await pp.warmup(m, example=x)
+        with concurrent.futures.ProcessPoolExecutor(
+            2, mp_context=spawn, initializer=_pe_init, initargs=("tiny",)
+        ) as ex:
+            p = f"{loop_name}/tiny/"
+            await interleaved(
+                {
+                    p + "direct": (lambda: _async(_direct, m, x), 1),
+                    p + "to_thread": (lambda: asyncio.to_thread(_direct, m, x), 1),
+                    p + "ThreadPool": (lambda: tp.forward(m, x), 1),
+                    p + "ProcessPool": (lambda: pp.forward(m, x), 1),
+                    p + "ProcessPoolExecutor": (lambda: loop.run_in_executor(ex, _pe_run, x), 1),
+                    p + "anyio.to_process": (lambda: anyio.to_process.run_sync(_direct, m, x), 1),
+                },
+                n // 50,
+                block=50,
+            )
     advance()
 
 
@@ -148,8 +146,28 @@ async def _async(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
+async def interleaved(
+    variants: dict[str, tuple[Callable[[], Awaitable[Any]], int]], n: int, block: int = 1
+) -> None:
+    """Time the variants round-robin (``block`` calls per turn, ``n`` turns), each at its
+    torch thread count, after one warm-up turn each: drift on a shared machine then hits
+    every variant alike, so their ratios hold even when absolute times move."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for warm in [True] + [False] * n:
+        for name, (fn, threads) in variants.items():
+            torch.set_num_threads(threads)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                await fn()
+                if not warm:
+                    samples[name].append(time.perf_counter() - t0)
+    torch.set_num_threads(1)
+    for name, ts in samples.items():
+        record(name, ts)
+
+
 async def parallel(kind: str, quick: bool, advance: Callable[[], None]) -> None:
-    n = 3 if quick else 10
+    n = 5 if quick else 15
     torch.manual_seed(0)
     m1, m2 = getattr(_models, kind)(), getattr(_models, kind)()
     x = _models.INPUTS[kind]()
@@ -159,20 +177,22 @@ async def parallel(kind: str, quick: bool, advance: Callable[[], None]) -> None:
         _direct(m1, x)
         _direct(m2, x)
 
-    torch.set_num_threads(1)
-    await rounds(f"{kind}/serial-1-thread", serial, n)
-    torch.set_num_threads(cpus)
-    await rounds(f"{kind}/direct-default-threads", serial, n)
-    await lag_during(f"lag/{kind}/direct", serial, n)
-    torch.set_num_threads(1)
-    advance()
-    async with af.ThreadPool(workers=2) as tp:
-        await rounds(f"{kind}/ThreadPool", lambda: tp.run_parallel(m1, m2, x), n)
-        await lag_during(f"lag/{kind}/ThreadPool-both-cores", lambda: tp.run_parallel(m1, m2, x), n)
-    advance()
-    async with af.ProcessPool(workers=2, threads_per_worker=1) as pp:
+    async with af.ThreadPool(workers=2) as tp, af.ProcessPool(workers=2) as pp:
         await pp.warmup(m1, m2, example=x)
-        await rounds(f"{kind}/ProcessPool", lambda: pp.run_parallel(m1, m2, x), n)
+        await interleaved(
+            {
+                f"{kind}/serial-1-thread": (serial, 1),
+                f"{kind}/direct-default-threads": (serial, cpus),
+                f"{kind}/ThreadPool": (lambda: tp.run_parallel(m1, m2, x), 1),
+                f"{kind}/ProcessPool": (lambda: pp.run_parallel(m1, m2, x), 1),
+            },
+            n,
+        )
+        advance()
+        torch.set_num_threads(cpus)
+        await lag_during(f"lag/{kind}/direct", serial, n)
+        torch.set_num_threads(1)
+        await lag_during(f"lag/{kind}/ThreadPool-both-cores", lambda: tp.run_parallel(m1, m2, x), n)
         await lag_during(
             f"lag/{kind}/ProcessPool-both-cores", lambda: pp.run_parallel(m1, m2, x), n
         )
@@ -181,12 +201,21 @@ async def parallel(kind: str, quick: bool, advance: Callable[[], None]) -> None:
 
 
 async def big_transfer(quick: bool, advance: Callable[[], None]) -> None:
-    n = 3 if quick else 10
+    n = 5 if quick else 15
     big = torch.randn(16 * 1024 * 1024)  # 64 MiB
-    record("64MiB/clone", [_timed(big.clone) for _ in range(n + 1)][1:])
     ident = torch.nn.Identity()
+
+    async def clone() -> None:
+        big.clone()
+
     async with af.ProcessPool(workers=1) as pp:
-        await rounds("64MiB/ProcessPool-round-trip", lambda: pp.forward(ident, big), n)
+        await interleaved(
+            {
+                "64MiB/clone": (clone, 1),
+                "64MiB/ProcessPool-round-trip": (lambda: pp.forward(ident, big), 1),
+            },
+            n,
+        )
     advance()
 
 
@@ -230,10 +259,19 @@ async def throughput(quick: bool, advance: Callable[[], None]) -> None:
         advance()
 
 
+def _pe_pid(x: Any) -> int:
+    _pe_run(x)
+    time.sleep(3)  # outlast a worker start, so the executor starts a second worker
+    return os.getpid()
+
+
 async def memory(quick: bool, advance: Callable[[], None]) -> None:
-    """Memory of 2 workers serving one ~200 MB module: ProcessPool vs ProcessPoolExecutor
-    with the module built in each worker's initializer (a copy per worker). Counted as the
-    workers' unique memory (USS) plus, for ProcessPool, the shared segment once."""
+    """Memory that 2 workers add to serve one ~200 MB module.
+
+    ProcessPool: the growth of the workers' unique memory (USS) when the module is loaded
+    and run on each, plus the shared segment once. ProcessPoolExecutor with the module built
+    in each worker's initializer: its workers' USS minus that of the same executor built
+    with the tiny module (a copy per worker)."""
     import psutil
 
     def uss(pids: list[int]) -> int:
@@ -247,16 +285,21 @@ async def memory(quick: bool, advance: Callable[[], None]) -> None:
         await pp.wait_ready()
         base = uss(pp.worker_pids())
         await pp.warmup(m, example=x)
-        loaded = uss(pp.worker_pids()) + size  # + the one shared copy
-    R["memory/ProcessPool"] = {"module": size, "workers_base": base, "total": loaded}
+        added = uss(pp.worker_pids()) - base + size  # + the one shared copy
+    R["memory/ProcessPool"] = {"module": size, "workers_base": base, "added": added}
     advance()
     loop = asyncio.get_running_loop()
-    with concurrent.futures.ProcessPoolExecutor(
-        2, mp_context=multiprocessing.get_context("spawn"), initializer=_pe_init, initargs=("wide",)
-    ) as ex:
-        await asyncio.gather(*(loop.run_in_executor(ex, _pe_run, x) for _ in range(4)))
-        pids = list(ex._processes)  # noqa: SLF001 - the executor exposes no pid list
-        R["memory/ProcessPoolExecutor"] = {"module": size, "total": uss(pids)}
+    totals = {}
+    for kind, arg in (("tiny", _models.INPUTS["tiny"]()), ("wide", x)):
+        with concurrent.futures.ProcessPoolExecutor(
+            2,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_pe_init,
+            initargs=(kind,),
+        ) as ex:
+            pids = await asyncio.gather(*(loop.run_in_executor(ex, _pe_pid, arg) for _ in range(2)))
+            totals[kind] = uss(sorted(set(pids)))
+    R["memory/ProcessPoolExecutor"] = {"module": size, "added": totals["wide"] - totals["tiny"]}
     advance()
 
 
@@ -310,10 +353,11 @@ def ratio(a: str, b: str, key: str = "median") -> float:
     return float(R[a][key]) / float(R[b][key])
 
 
-def targets() -> list[tuple[str, str, str, bool]]:
+def targets() -> list[tuple[str, str, str, bool | None]]:
     rows = []
 
-    def add(name: str, target: str, value: str, ok: bool) -> None:
+    def add(name: str, target: str, value: str, ok: bool | None) -> None:
+        # ok: True / False against a target; None for comparison rows and what is not built
         rows.append((name, target, value, ok))
 
     for loop in ("asyncio", "uvloop"):
@@ -379,18 +423,17 @@ def targets() -> list[tuple[str, str, str, bool]]:
         "heartbeat max, direct call (baseline)",
         "(frozen)",
         f"{R['lag/mlp/direct']['max'] * 1e3:.1f} ms",
-        True,
+        None,
     )
     st = R["start/ProcessPool-2-workers-module-loaded"]["median"]
     add("ProcessPool start, 2 workers ready with module", "<= 2.5 s", f"{st:.2f} s", st <= 2.5)
     mem, pe = R["memory/ProcessPool"], R["memory/ProcessPoolExecutor"]
-    limit = 1.3 * mem["module"] + mem["workers_base"]
     add(
-        "memory of 2 workers sharing a 200 MB module",
-        "<= 1.3 x one copy + 2 x worker base",
-        f"{mem['total'] / 2**20:.0f} MiB (limit {limit / 2**20:.0f} MiB; a copy per worker: "
-        f"{pe['total'] / 2**20:.0f} MiB)",
-        mem["total"] <= limit,
+        "memory 2 workers add for a 200 MB module",
+        "<= 1.3 x one copy",
+        f"{mem['added'] / mem['module']:.2f}x one copy ({mem['added'] / 2**20:.0f} MiB; "
+        f"ProcessPoolExecutor: {pe['added'] / mem['module']:.2f}x)",
+        mem["added"] <= 1.3 * mem["module"],
     )
     if "mlp/Ray" in R:
         add(
@@ -398,9 +441,23 @@ def targets() -> list[tuple[str, str, str, bool]]:
             "(comparison)",
             f"{R['asyncio/tiny/ray-actor']['median'] * 1e6:,.0f} us / "
             f"{ratio('mlp/serial-1-thread', 'mlp/Ray'):.2f}x",
-            True,
+            None,
         )
+    add(
+        "throughput, 32 concurrent callers, tiny",
+        "(comparison)",
+        f"ThreadPool {R['throughput/ThreadPool']['calls_per_s']:,.0f}/s, "
+        f"ProcessPool {R['throughput/ProcessPool']['calls_per_s']:,.0f}/s",
+        None,
+    )
+    add("Batcher: 1,000 concurrent requests vs unbatched", ">= 5x", "not built yet", None)
+    add("CudaStreamPool: overlapped vs serial", ">= 1.5x", "not built; needs a GPU", None)
     return rows
+    return rows
+
+
+def _met(ok: bool | None, no: str) -> str:
+    return "n/a" if ok is None else "yes" if ok else no
 
 
 def write_report(out: Path, console: Console, quick: bool) -> None:
@@ -421,7 +478,7 @@ def write_report(out: Path, console: Console, quick: bool) -> None:
         "| figure | target | measured | met |",
         "| --- | --- | --- | --- |",
     ]
-    md += [f"| {n} | {t} | {v} | {'yes' if ok else '**no**'} |" for n, t, v, ok in rows]
+    md += [f"| {n} | {t} | {v} | {_met(ok, '**no**')} |" for n, t, v, ok in rows]
     md += [
         "",
         "| per call, tiny module (asyncio) | median | min | max |",
@@ -438,7 +495,7 @@ def write_report(out: Path, console: Console, quick: bool) -> None:
     for col in ("figure", "target", "measured", "met"):
         table.add_column(col)
     for n, t, v, ok in rows:
-        table.add_row(n, t, v, "[green]yes[/]" if ok else "[red]no[/]")
+        table.add_row(n, t, v, _met(ok, "[red]no[/]"))
     console.print(table)
     plot(out)
 
@@ -449,7 +506,7 @@ def plot(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), layout="constrained")
     names = [k for k in R if k.startswith("asyncio/tiny/")]
     axes[0].barh([n.split("/")[-1] for n in names], [R[n]["median"] * 1e6 for n in names])
     axes[0].set_xscale("log")
@@ -462,13 +519,12 @@ def plot(out: Path) -> None:
     axes[1].bar(labels, values)
     axes[1].axhline(2.0, color="k", linestyle="--", label="2-core limit")
     axes[1].set_ylabel("speed-up vs one after the other")
-    axes[1].legend()
-    axes[1].tick_params(axis="x", rotation=20)
+    axes[1].legend(loc="lower right")
+    plt.setp(axes[1].get_xticklabels(), rotation=30, ha="right")
     lags = [k for k in R if k.startswith("lag/")]
     axes[2].barh([k[4:] for k in lags], [R[k]["p99"] * 1e3 for k in lags])
     axes[2].set_xscale("log")
     axes[2].set_xlabel("event-loop lag p99 (ms, log)")
-    fig.tight_layout()
     fig.savefig(out / "report.png", dpi=90)
 
 
@@ -493,13 +549,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (under 2 minutes)")
     ap.add_argument("--out", default="bench-results", help="folder for the JSON, MD and PNG")
     args = ap.parse_args(argv)
+    if os.environ.get("OMP_WAIT_POLICY") is None:
+        # OpenMP reads this when torch loads, so it must be in the environment before the
+        # interpreter starts: otherwise the threads of a 2-thread direct call spin for a
+        # while after it and steal a core from whatever is measured next.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        rest = argv if argv is not None else sys.argv[1:]
+        cmd = [sys.executable, "-m", "aioforward", "bench", *rest]
+        os.execv(sys.executable, cmd)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Same malloc settings in this process (direct calls, threads) as in ProcessPool workers.
+    R["meta/keep_freed_memory"] = {"enabled": af.keep_freed_memory()}
     t0 = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmarks", total=30)
+        task = progress.add_task("benchmarks", total=16)
         asyncio.run(main_async(args.quick, progress, task))
         import uvloop
 

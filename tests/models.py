@@ -199,7 +199,7 @@ class Big(nn.Module):
         self.w = nn.Parameter(torch.ones(mb * 1024 * 1024 // 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w[:1] * x
+        return self.w.sum() * x  # reads every page of the weights
 
 
 class RecordPid(nn.Module):

@@ -42,7 +42,9 @@ class ThreadPool(Pool):
     Threads cost the least per call (tens of microseconds) and share the
     module's weights; they parallelise compute-bound modules because torch
     releases the GIL in its kernels. Prefer :class:`ProcessPool` when a module
-    spends much of its time in Python code that holds the GIL.
+    spends much of its time in Python code that holds the GIL. For memory-bound
+    modules (conv nets) call :func:`aioforward.keep_freed_memory` once: glibc's
+    default of returning freed blocks to the kernel doubled their latency here.
 
     Example::
 

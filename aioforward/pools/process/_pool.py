@@ -49,6 +49,7 @@ import torch
 
 from ..._call import Call, ModuleSpec
 from ..._cpus import usable_cpus
+from ..._malloc import MALLOC_ENV
 from ...errors import (
     RemoteError,
     RemoteTraceback,
@@ -69,13 +70,6 @@ __all__ = ["ProcessPool"]
 
 _pool_ids = itertools.count()
 _environ_lock = threading.Lock()
-
-# glibc returns large freed blocks to the kernel and a conv net then page-faults its
-# activations on every forward (twice the latency, measured here). Keep them.
-_WORKER_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 31),
-}
 
 
 class _Worker:
@@ -142,7 +136,9 @@ class ProcessPool(Pool):
             OpenMP threads after each op and took the two-module speed-up from
             1.9x to 1.3x here. Default: leave the parent alone.
         inline_bytes: tensors up to this size travel through the pipe, larger
-            ones through shared memory (default 64 KiB).
+            ones through shared memory (default 64 KiB). Large results are copied
+            out by the supervisor thread: call :func:`aioforward.keep_freed_memory`
+            so those copies reuse warm memory instead of fresh pages.
         shm_limit: most bytes of shared memory one transfer may use
             (default: what ``/dev/shm`` has free).
         start_timeout: seconds a worker may take to start before it is
@@ -247,7 +243,7 @@ class ProcessPool(Pool):
             daemon=True,
         )
         env = {
-            **_WORKER_ENV,
+            **MALLOC_ENV,  # glibc reads these at start: see aioforward._malloc
             "OMP_NUM_THREADS": str(self.threads_per_worker),
             "MKL_NUM_THREADS": str(self.threads_per_worker),
         }
