@@ -189,6 +189,14 @@ def failing_initializer() -> None:
     raise RuntimeError("initializer says no")
 
 
+def slow_initializer(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def exiting_initializer() -> None:
+    os._exit(3)  # dies at every start without reporting a traceback
+
+
 def failing_factory() -> nn.Module:
     raise RuntimeError("factory says no")
 

@@ -164,8 +164,11 @@ async def test_loop_stays_free_while_heavy_forwards_run() -> None:
                 with torch.inference_mode():
                     m1(x)
                 await anyio.sleep(0.005)
+    # Relative bounds only: on a noisy 2-core VM one beat can wait out a scheduler slice,
+    # but no beat waits for a whole pass (as the direct call below makes them do).
     assert lag.stats().samples > 10
-    assert lag.stats().p99 < compute / 2, (lag.stats(), compute)
+    assert lag.stats().p50 < compute / 10, (lag.stats(), compute)
+    assert lag.stats().max < compute, (lag.stats(), compute)
     assert frozen.stats().max > compute / 2, (frozen.stats(), compute)
 
 

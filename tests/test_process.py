@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import aioforward as af
+from aioforward.pools.process._pool import START_RETRIES
 
 from . import models as M
 from .conftest import LONG_LIVED_SHM, assert_pool_idle
@@ -225,6 +226,32 @@ async def test_s15_failing_initializer_and_factory() -> None:
             await pool.forward(af.ModuleSpec(M.failing_factory), 1)
         spec = af.ModuleSpec(M.build_tiny, 1)
         assert (await pool.forward(spec, torch.zeros(1, 10))).shape == (1, 5)
+
+
+async def test_s15_silent_death_at_every_start_fails_after_retries() -> None:
+    t0 = time.monotonic()
+    with af.ProcessPool(workers=1, initializer=M.exiting_initializer) as pool:
+        with pytest.raises(af.WorkerStartError, match="exit code 3"):
+            await pool.forward(M.Echo(), 1)
+        assert time.monotonic() - t0 < 30
+        assert pool.stats().restarts >= START_RETRIES - 1
+
+
+async def test_worker_killed_while_starting_is_replaced_without_failing_calls() -> None:
+    """A stray SIGKILL during start (the OOM killer, an operator) is not a start failure:
+    the queued call waits for the replacement instead of getting WorkerStartError."""
+    with af.ProcessPool(workers=1, initializer=M.slow_initializer, initargs=(1.5,)) as pool:
+        call = pool.submit(M.Echo(), 7)
+        with anyio.fail_after(30):
+            while not pool.worker_pids():
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.3)  # inside the initializer: not ready yet
+        assert pool.stats().workers == 0
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        with anyio.fail_after(30):
+            assert (await call)[0] == (7,)
+        assert pool.stats().restarts == 1
+        await pool.wait_ready(timeout=30)
 
 
 async def test_s16_hung_module_timeout_kills_and_replaces(pool: af.ProcessPool) -> None:
@@ -437,7 +464,8 @@ async def test_s30_soak_random_kills_timeouts_cancels() -> None:
                 else:
                     assert (await pool.forward(M.Echo(), i))[0] == (i,)
                 outcome = kind
-            except (TimeoutError, ValueError, af.WorkerCrashedError) as exc:
+            except (TimeoutError, ValueError, af.WorkerCrashedError, af.WorkerStartError) as exc:
+                # WorkerStartError: the killer hit starting workers START_RETRIES times in a row
                 outcome = type(exc).__name__
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
 

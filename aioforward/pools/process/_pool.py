@@ -69,6 +69,10 @@ if TYPE_CHECKING:
 __all__ = ["ProcessPool"]
 
 _pool_ids = itertools.count()
+# Silent deaths while starting (no traceback reported) tolerated in a row before the waiting
+# calls fail with WorkerStartError. Higher rides out more stray kills; lower fails faster when a
+# worker crashes hard at every start (a segfaulting import). Back-off: 0.1 s, 0.2 s, 0.4 s...
+START_RETRIES = 3
 _environ_lock = threading.Lock()
 
 
@@ -85,6 +89,7 @@ class _Worker:
         "req_gen",
         "req_seg",
         "retiring",
+        "start_error",
         "wid",
     )
 
@@ -94,6 +99,7 @@ class _Worker:
         self.conn = conn
         self.pid: int = proc.pid
         self.ready = False
+        self.start_error = ""  # what the worker reported before dying while starting
         self.item: _WorkItem | None = None
         self.modules: set[Any] = set()  # module keys this worker holds
         self.req_seg: tr.Segment | None = None  # parent-owned request segment
@@ -206,9 +212,9 @@ class ProcessPool(Pool):
         self._versions = itertools.count()
         self._specs: dict[int, ModuleSpec] = {}
         self._drops: list[Any] = []  # module keys every worker should forget
-        self._start_failures = 0
+        self._start_failures = 0  # consecutive deaths while starting; a READY resets it
+        self._start_error: WorkerStartError | None = None  # set once waiting calls were failed
         self._next_start = 0.0
-        self._last_start_error = ""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stopping = False
@@ -303,7 +309,7 @@ class ProcessPool(Pool):
             now = time.monotonic()
             for w in workers:
                 if not w.ready and now - starting_since.get(w.wid, now) > self.start_timeout:
-                    self._last_start_error = f"worker did not start within {self.start_timeout} s"
+                    w.start_error = f"worker did not start within {self.start_timeout} s"
                     w.proc.kill()
             if self._next_start and now >= self._next_start and not self._stopping:
                 self._next_start = 0.0
@@ -322,6 +328,7 @@ class ProcessPool(Pool):
         if kind == wk.READY:
             w.ready = True
             self._start_failures = 0
+            self._start_error = None
             with self._wlock:
                 if self._stopping:
                     self._stop_worker(w)
@@ -329,7 +336,7 @@ class ProcessPool(Pool):
             self._worker_idle(w, new=True)
             return
         if kind == wk.START_FAILED:
-            self._last_start_error = msg[1]
+            w.start_error = msg[1]
             return  # the process exits; _on_death handles it
         if kind == wk.OOM:
             w.retiring = True
@@ -417,11 +424,15 @@ class ProcessPool(Pool):
             self._start_failures += 1
             err = WorkerStartError(
                 f"a worker of {self._name} failed to start (exit code {code}):\n"
-                f"{self._last_start_error or '(no traceback: it died before reporting)'}"
+                f"{w.start_error or '(no traceback: it died before reporting)'}"
             )
             with self._wlock:
                 any_ready = any(x.ready for x in self._procs.values())
-            if not any_ready:
+            # A reported failure (the initializer or an import raised, or the start timed out)
+            # will recur: fail the waiting calls now. A silent death (a stray SIGKILL, the OOM
+            # killer) may not: only give up after it happens START_RETRIES times in a row.
+            if not any_ready and (w.start_error or self._start_failures >= START_RETRIES):
+                self._start_error = err
                 self._fail_waiting(err)
             delay = min(5.0, 0.1 * 2 ** (self._start_failures - 1))
             self._next_start = time.monotonic() + delay  # back off: no respawn storm
@@ -629,10 +640,8 @@ class ProcessPool(Pool):
         """
         with anyio.fail_after(timeout):
             while self.stats().workers < self.workers:
-                if self._start_failures:
-                    raise WorkerStartError(
-                        f"a worker of {self._name} failed to start:\n{self._last_start_error}"
-                    )
+                if self._start_error is not None:
+                    raise self._start_error
                 await anyio.sleep(0.01)
 
     def _warmup_futures(self, c: Call) -> list[Any]:
