@@ -22,6 +22,8 @@ from ._call import call as call
 from ._cpus import usable_cpus as usable_cpus
 from ._future import ForwardFuture as ForwardFuture
 from ._malloc import keep_freed_memory as keep_freed_memory
+from .batching import Batcher as Batcher
+from .batching import BatcherStats as BatcherStats
 from .errors import AioforwardError as AioforwardError
 from .errors import BrokenWorkerError as BrokenWorkerError
 from .errors import DeviceError as DeviceError
@@ -47,6 +49,8 @@ __all__ = (
     "DEFAULT",
     "AioforwardError",
     "AsyncModule",
+    "Batcher",
+    "BatcherStats",
     "BrokenWorkerError",
     "Call",
     "DeviceError",

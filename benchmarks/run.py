@@ -259,6 +259,49 @@ async def throughput(quick: bool, advance: Callable[[], None]) -> None:
         advance()
 
 
+async def batching(quick: bool, advance: Callable[[], None]) -> None:
+    """1,000 concurrent single-sample requests to mlp, batched and not, on each pool; then
+    the latency a Batcher adds to a lone request (low load)."""
+    m, x = _models.mlp(), torch.randn(1024)
+    n_requests, reps, lone = 1000, (1 if quick else 3), (30 if quick else 200)
+
+    async def burst(fn: Callable[[], Awaitable[Any]]) -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(n_requests):
+                tg.start_soon(fn)
+
+    for kind, make in [
+        ("ThreadPool", lambda: af.ThreadPool(workers=2)),
+        ("ProcessPool", lambda: af.ProcessPool(workers=2)),
+    ]:
+        async with make() as pool, af.Batcher(m, pool, max_batch_size=64) as b:
+            await pool.warmup(m, example=x)
+            variants: dict[str, Callable[[], Awaitable[Any]]] = {
+                "unbatched": lambda pool=pool: pool.forward(m, x),
+                "Batcher": lambda b=b: b(x),
+            }
+            rates: dict[str, list[float]] = {name: [] for name in variants}
+            for rep in range(reps + 1):  # the first round warms up
+                for name, fn in variants.items():
+                    t0 = time.perf_counter()
+                    await burst(fn)
+                    if rep:
+                        rates[name].append(n_requests / (time.perf_counter() - t0))
+            for name, rs in rates.items():
+                R[f"batch/{kind}/{name}"] = {"calls_per_s": statistics.median(rs)}
+            s = b.stats()
+            R[f"batch/{kind}/Batcher"]["mean_batch"] = s.samples / s.batches
+            if kind == "ThreadPool":
+                await interleaved(
+                    {
+                        "batch/lone/forward": (lambda pool=pool: pool.forward(m, x), 1),
+                        "batch/lone/Batcher": (lambda b=b: b(x), 1),
+                    },
+                    lone,
+                )
+        advance()
+
+
 def _pe_pid(x: Any) -> int:
     _pe_run(x)
     time.sleep(3)  # outlast a worker start, so the executor starts a second worker
@@ -450,9 +493,24 @@ def targets() -> list[tuple[str, str, str, bool | None]]:
         f"ProcessPool {R['throughput/ProcessPool']['calls_per_s']:,.0f}/s",
         None,
     )
-    add("Batcher: 1,000 concurrent requests vs unbatched", ">= 5x", "not built yet", None)
+    for pool in ("ThreadPool", "ProcessPool"):
+        bt = R[f"batch/{pool}/Batcher"]["calls_per_s"]
+        ub = R[f"batch/{pool}/unbatched"]["calls_per_s"]
+        add(
+            f"Batcher on {pool}: 1,000 concurrent requests to mlp vs unbatched",
+            ">= 5x throughput",
+            f"{bt / ub:.1f}x ({bt:,.0f}/s vs {ub:,.0f}/s; mean batch "
+            f"{R[f'batch/{pool}/Batcher']['mean_batch']:.0f})",
+            bt / ub >= 5,
+        )
+    added = R["batch/lone/Batcher"]["median"] - R["batch/lone/forward"]["median"]
+    add(
+        "Batcher: latency added to a lone request (ThreadPool)",
+        "<= 1 ms",
+        f"{added * 1e3:.2f} ms",
+        added <= 1e-3,
+    )
     add("CudaStreamPool: overlapped vs serial", ">= 1.5x", "not built; needs a GPU", None)
-    return rows
     return rows
 
 
@@ -542,6 +600,7 @@ async def main_async(quick: bool, progress: Progress, task: Any) -> None:
     await big_transfer(quick, advance)
     await startup(quick, advance)
     await throughput(quick, advance)
+    await batching(quick, advance)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     R["meta/keep_freed_memory"] = {"enabled": af.keep_freed_memory()}
     t0 = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmarks", total=16)
+        task = progress.add_task("benchmarks", total=18)
         asyncio.run(main_async(args.quick, progress, task))
         import uvloop
 

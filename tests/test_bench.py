@@ -35,6 +35,9 @@ def test_quick_benchmark_writes_complete_report(tmp_path: Path) -> None:
         "lag/mlp/direct",
         "start/ProcessPool-2-workers-module-loaded",
         "asyncio/tiny/seed-process-per-call",
+        "batch/ThreadPool/Batcher",
+        "batch/ProcessPool/unbatched",
+        "batch/lone/Batcher",
     ):
         assert key in results, key
         for v in results[key].values():

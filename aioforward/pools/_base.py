@@ -145,9 +145,13 @@ class Pool(concurrent.futures.Executor, abc.ABC):
     Timeouts: ``timeout=`` counts from submission; when it expires the caller
     gets the built-in :class:`TimeoutError` and the backend stops the work if it
     can (a process pool kills and replaces the worker).
+
+    Attribute ``workers``: the calls the pool runs at once when all its workers
+    are up (its capacity).
     """
 
     _kind = "pool"
+    workers: int
 
     def __init__(self, *, max_queued: int | None = None, name: str | None = None) -> None:
         if max_queued is not None:

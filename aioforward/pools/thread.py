@@ -79,6 +79,7 @@ class ThreadPool(Pool):
             threads_per_worker = max(1, cpus // workers)
         _check_int("threads_per_worker", threads_per_worker, 0)
         super().__init__(max_queued=max_queued, name=name)
+        self.workers = workers
         self.threads_per_worker = threads_per_worker
         self.grad = bool(grad)
         self._q: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()

@@ -1,0 +1,359 @@
+"""Batcher: concurrent single-sample calls coalesced into one batched forward pass.
+
+A server that gets one request at a time wastes most of a model's throughput:
+a batch of 32 rows costs far less than 32 calls of one row. ``Batcher``
+collects the samples that callers send concurrently, stacks them along a new
+dimension 0, runs one forward pass in a pool, and hands each caller its own
+row of the output::
+
+    caller ─ await batcher(x) ─┐                     ┌─ out[0] ─> caller
+    caller ─ await batcher(x) ─┼─ stack ─> pool ─────┼─ out[1] ─> caller
+    caller ─ await batcher(x) ─┘  (full, or a pool   └─ out[2] ─> caller
+                                   slot is free)
+
+A batch runs as soon as a pool slot is free for it, so at low load a sample
+waits for nobody, and under load samples pile up into large batches while the
+slots compute: batch size follows load, with no delay to tune. ``max_delay``
+makes a sample wait for company even when a slot is free (larger batches at
+low load, for accelerators that want them, at that much latency).
+
+Samples are grouped by structure and by each tensor's shape, dtype and device
+(plus every non-tensor argument's value), so samples that cannot be stacked
+never share a batch: they go in batches of their own. A flusher thread stacks
+the samples, so the event loop never copies a batch, and the Batcher belongs
+to no event loop (as the pools do).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import torch
+
+from ._api import DEFAULT, _Default, _pool
+from ._call import Call, ModuleSpec, check_module, module_name
+from ._future import ForwardFuture
+from ._tree import Spec, flatten, unflatten
+from .errors import PoolClosedError
+from .pools._base import Pool, _check_int, _check_timeout
+
+if TYPE_CHECKING:
+    from collections.abc import Hashable
+
+__all__ = ["Batcher", "BatcherStats"]
+
+_IDLE_EXIT_S = 1.0  # the flusher thread exits after this long without work; restarts on demand
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """Counters of a :class:`Batcher` (``batcher.stats()``).
+
+    ``batches`` forward passes ran with ``samples`` samples in all (so
+    ``samples / batches`` is the mean batch size); ``largest`` is the largest
+    batch; ``pending`` samples wait for their batch to fill or time out.
+    """
+
+    batches: int
+    samples: int
+    largest: int
+    pending: int
+
+
+class _Batch:
+    __slots__ = ("deadline", "futures", "key", "leaves", "spec")
+
+    def __init__(self, key: Hashable, spec: Spec, deadline: float) -> None:
+        self.key = key
+        self.spec = spec
+        self.deadline = deadline  # runs when a slot is free and this time has come
+        self.leaves: list[list[Any]] = []
+        self.futures: list[ForwardFuture[Any]] = []
+
+
+class Batcher:
+    """Coalesce concurrent single-sample calls of ``module`` into batched forward passes.
+
+    Each caller passes one sample, without the batch dimension; tensors are
+    stacked along a new dimension 0 and every tensor in the output is split
+    along dimension 0, so each caller gets back what it would get from a batch
+    of one, squeezed::
+
+        batcher = aioforward.Batcher(classifier, max_batch_size=32, max_delay=0.005)
+        async with batcher:
+            logits = await batcher(image)          # image: 3x224x224 -> logits: 1000
+
+    A batch runs when it holds ``max_batch_size`` samples, or as soon as fewer
+    than ``max_in_flight`` of this Batcher's batches are running (default: the
+    pool's ``workers``) and its first sample has waited ``max_delay`` seconds
+    (default 0). So at low load a sample runs at once, alone, and under load
+    the samples that arrive while the slots compute form the next batches.
+    Batches run in ``pool`` (the default pool, looked up at each batch, when
+    not given).
+
+    The module must return one row per sample along dimension 0 in each
+    output tensor (non-tensor outputs are given to every caller as they are);
+    otherwise every caller of that batch gets ``ValueError``. An exception
+    raised by the module reaches every caller of that batch.
+
+    Cancellation and ``timeout=``: a sample cancelled before its batch runs
+    leaves the batch; one cancelled after is released at once and its row is
+    discarded; a batch whose callers all left is cancelled in the pool.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module | ModuleSpec,
+        pool: Pool | _Default = DEFAULT,
+        *,
+        max_batch_size: int = 32,
+        max_delay: float = 0.0,
+        max_in_flight: int | None = None,
+    ) -> None:
+        check_module(module, "module")
+        if pool is not DEFAULT and not isinstance(pool, Pool):
+            raise TypeError(f"pool must be an aioforward Pool or aioforward.DEFAULT, got {pool!r}")
+        _check_int("max_batch_size", max_batch_size, 1)
+        if (
+            isinstance(max_delay, bool)
+            or not isinstance(max_delay, int | float)
+            or not max_delay >= 0
+        ):
+            raise ValueError(f"max_delay must be a number of seconds >= 0, got {max_delay!r}")
+        if max_in_flight is not None:
+            _check_int("max_in_flight", max_in_flight, 1)
+        self.module = module
+        self.pool = pool
+        self.max_batch_size = max_batch_size
+        self.max_delay = float(max_delay)
+        self.max_in_flight = max_in_flight
+        self._name = f"Batcher({module_name(module)})"
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._open: dict[Hashable, _Batch] = {}  # key -> the batch still filling
+        self._ready: list[_Batch] = []  # full batches: they run whatever the slots
+        self._in_flight = 0  # batches submitted to the pool and not finished
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._batches = self._samples = self._largest = 0
+
+    # ------------------------------------------------------------------ calling
+    async def __call__(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run one sample through the next batch and return its row of the output.
+
+        Example: ``probs = await batcher(x, timeout=1.0)``. ``timeout`` raises
+        the built-in ``TimeoutError``.
+        """
+        _check_timeout(timeout)
+        fut = self.submit(*args, **kwargs)
+        if timeout is None:  # no cancel scope: it costs more than the rest of the call
+            return await fut
+        with anyio.fail_after(timeout):
+            return await fut
+
+    def submit(self, *args: Any, **kwargs: Any) -> ForwardFuture[Any]:
+        """Add one sample to the next batch; return its future at once (thread-safe).
+
+        Example::
+
+            fut = batcher.submit(x)
+            row = await fut          # or fut.result() from sync code
+        """
+        leaves, spec = flatten((args, kwargs))
+        key = (spec, tuple(_signature(v) for v in leaves))
+        fut: ForwardFuture[Any] = ForwardFuture()
+        with self._cv:
+            if self._closed:
+                raise PoolClosedError(f"cannot submit to {self._name}: it has been closed")
+            batch = self._open.get(key)
+            wake = batch is None  # a new batch: the flusher has a new deadline to track
+            if batch is None:
+                deadline = time.monotonic() + self.max_delay
+                batch = self._open[key] = _Batch(key, spec, deadline)
+            batch.leaves.append(leaves)
+            batch.futures.append(fut)
+            if len(batch.futures) >= self.max_batch_size:
+                del self._open[key]
+                self._ready.append(batch)
+                wake = True
+            self._ensure_thread_locked()
+            if wake:  # a sample joining a waiting batch changes nothing for the flusher
+                self._cv.notify()
+        return fut
+
+    # ------------------------------------------------------------------ flushing
+    def _ensure_thread_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._flusher, name=f"aioforward-batcher-{id(self):x}", daemon=True
+            )
+            self._thread.start()
+
+    def _flusher(self) -> None:
+        while True:
+            with self._cv:
+                due, wait = self._due_locked()
+                while not due:
+                    if self._closed:
+                        self._thread = None
+                        return
+                    if not self._cv.wait(wait if wait is not None else _IDLE_EXIT_S):
+                        if wait is None and not self._open and not self._ready:
+                            self._thread = None  # idle: the next submit starts a new flusher
+                            return
+                    due, wait = self._due_locked()
+                self._in_flight += len(due)
+            for batch in due:
+                self._run(batch)
+
+    def _due_locked(self) -> tuple[list[_Batch], float | None]:
+        """Take the batches to run now; also say how long until the next may be due."""
+        due, self._ready = self._ready, []
+        if self._closed:
+            due += self._open.values()
+            self._open.clear()
+            return due, None
+        limit = self.max_in_flight or max(1, getattr(_pool(self.pool), "workers", 1))
+        now, wait = time.monotonic(), None
+        for key, batch in list(self._open.items()):  # oldest first
+            if self._in_flight + len(due) >= limit:
+                return due, None  # a finishing batch notifies
+            if batch.deadline <= now:
+                del self._open[key]
+                due.append(batch)
+            else:
+                wait = batch.deadline - now if wait is None else min(wait, batch.deadline - now)
+        return due, wait
+
+    def _run(self, batch: _Batch) -> None:
+        live = [i for i, f in enumerate(batch.futures) if not f.cancelled()]
+        if not live:
+            self._done_one()
+            return
+        futures = [batch.futures[i] for i in live]
+        try:
+            columns = zip(*(batch.leaves[i] for i in live), strict=True)
+            stacked = [
+                torch.stack(col) if isinstance(col[0], torch.Tensor) else col[0] for col in columns
+            ]
+            args, kwargs = unflatten(batch.spec, iter(stacked))
+            pool = _pool(self.pool)
+            out = pool.submit_call(Call(self.module, tuple(args), dict(kwargs)))
+        except BaseException as exc:
+            self._done_one()
+            for f in futures:
+                _settle(f, exc=exc)
+            return
+        with self._lock:
+            self._batches += 1
+            self._samples += len(futures)
+            self._largest = max(self._largest, len(futures))
+
+        def abandon(_f: concurrent.futures.Future[Any]) -> None:
+            if all(f.cancelled() for f in futures):
+                out.cancel()
+
+        for f in futures:
+            f.add_done_callback(abandon)
+        out.add_done_callback(lambda o: self._split(o, futures))
+
+    def _done_one(self) -> None:
+        with self._cv:
+            self._in_flight -= 1
+            self._cv.notify()  # a slot is free: the flusher may start the next batch
+
+    def _split(
+        self, out: concurrent.futures.Future[Any], futures: list[ForwardFuture[Any]]
+    ) -> None:
+        self._done_one()
+        if out.cancelled():
+            for f in futures:
+                f.cancel()
+            return
+        exc = out.exception()
+        if exc is not None:
+            for f in futures:
+                _settle(f, exc=exc)
+            return
+        leaves, spec = flatten(out.result())
+        n = len(futures)
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != n):
+                bad = ValueError(
+                    f"{self._name}: the module returned a tensor of shape {tuple(leaf.shape)} "
+                    f"for a batch of {n} samples; each output tensor needs one row per "
+                    "sample along dimension 0"
+                )
+                for f in futures:
+                    _settle(f, exc=bad)
+                return
+        for i, f in enumerate(futures):
+            rows = (leaf[i] if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves)
+            _settle(f, result=unflatten(spec, rows))
+
+    # ------------------------------------------------------------------ lifecycle
+    def stats(self) -> BatcherStats:
+        """Counters so far. Example: ``s = batcher.stats(); s.samples / s.batches``."""
+        with self._lock:
+            pending = sum(len(b.futures) for b in self._open.values())
+            pending += sum(len(b.futures) for b in self._ready)
+            return BatcherStats(self._batches, self._samples, self._largest, pending)
+
+    def close(self) -> None:
+        """Run the samples already waiting, refuse new ones, stop the flusher thread.
+
+        Example: ``batcher.close()`` (or use ``with`` / ``async with``).
+        """
+        with self._cv:
+            self._closed = True
+            thread = self._thread
+            self._cv.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    async def aclose(self) -> None:
+        """Close without blocking the event loop. Example: ``await batcher.aclose()``."""
+        await anyio.to_thread.run_sync(self.close)
+
+    def __enter__(self) -> Batcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Batcher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{self._name} max_batch_size={self.max_batch_size} "
+            f"max_delay={self.max_delay}{' closed' if self._closed else ''}>"
+        )
+
+
+def _signature(leaf: Any) -> Hashable:
+    """What must match for two samples' leaves to share a batch."""
+    if isinstance(leaf, torch.Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad)
+    try:
+        hash(leaf)
+    except TypeError:
+        return ("object", id(leaf))  # unhashable: batch only with the very same object
+    return ("value", type(leaf), leaf)
+
+
+def _settle(f: ForwardFuture[Any], result: Any = None, exc: BaseException | None = None) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+        if exc is not None:
+            f.set_exception(exc)
+        else:
+            f.set_result(result)
