@@ -19,7 +19,7 @@ pytestmark = pytest.mark.anyio
 
 def test_public_names_are_exactly_all() -> None:
     public = {n for n in dir(af) if not n.startswith(("_", "@"))}  # "@": pytest rewriting
-    submodules = {"errors", "monitor", "pools", "testing"}
+    submodules = {"batching", "errors", "monitor", "pools", "testing"}
     assert public - submodules == set(af.__all__)
     for name in af.__all__:
         obj = getattr(af, name)
