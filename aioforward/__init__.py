@@ -40,6 +40,7 @@ from .pools._base import Latency as Latency
 from .pools._base import MapResult as MapResult
 from .pools._base import Pool as Pool
 from .pools._base import PoolStats as PoolStats
+from .pools.cuda import CudaStreamPool as CudaStreamPool
 from .pools.process import ProcessPool as ProcessPool
 from .pools.thread import ThreadPool as ThreadPool
 
@@ -53,6 +54,7 @@ __all__ = (
     "BatcherStats",
     "BrokenWorkerError",
     "Call",
+    "CudaStreamPool",
     "DeviceError",
     "ForwardFuture",
     "LagStats",

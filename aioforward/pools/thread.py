@@ -23,6 +23,7 @@ import contextlib
 import queue
 import threading
 import time
+from typing import Any
 
 import torch
 
@@ -125,8 +126,7 @@ class ThreadPool(Pool):
                 if isinstance(fn, ModuleSpec):
                     fn = self._build(fn)
                 if isinstance(fn, torch.nn.Module):
-                    with torch.enable_grad() if self.grad else torch.inference_mode():
-                        out = fn(*c.args, **c.kwargs)
+                    out = self._forward(item, fn)
                 else:
                     out = fn(*c.args, **c.kwargs)
             except BaseException as exc:
@@ -138,11 +138,21 @@ class ThreadPool(Pool):
                 self._finish(item, out)
             del item, c, fn
 
+    def _forward(self, item: _WorkItem, module: torch.nn.Module) -> Any:
+        """Run one forward pass in this worker thread (the CUDA pool adds streams)."""
+        c = item.call
+        with torch.enable_grad() if self.grad else torch.inference_mode():
+            return module(*c.args, **c.kwargs)
+
+    def _place(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Where a module built from a ModuleSpec goes (here: where it was built)."""
+        return module
+
     def _build(self, spec: ModuleSpec) -> torch.nn.Module:
         with self._spec_lock:
             hit = self._specs.get(id(spec))
             if hit is None or hit[0] is not spec:
-                hit = (spec, spec.build())
+                hit = (spec, self._place(spec.build()))
                 self._specs[id(spec)] = hit
             return hit[1]
 
