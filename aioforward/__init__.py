@@ -42,6 +42,7 @@ from .pools._base import Pool as Pool
 from .pools._base import PoolStats as PoolStats
 from .pools.cuda import CudaStreamPool as CudaStreamPool
 from .pools.process import ProcessPool as ProcessPool
+from .pools.ray import RayPool as RayPool
 from .pools.thread import ThreadPool as ThreadPool
 
 __version__ = "0.1.0"
@@ -67,6 +68,7 @@ __all__ = (
     "PoolStats",
     "ProcessPool",
     "QueueFullError",
+    "RayPool",
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",

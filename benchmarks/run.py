@@ -407,6 +407,16 @@ async def ray_actors(quick: bool, advance: Callable[[], None]) -> None:
             await asyncio.gather(a.forward.remote(xm), b.forward.remote(xm))
 
         await rounds("mlp/Ray", both, 3 if quick else 10)
+        ray.kill(a)
+        ray.kill(b)
+        from aioforward.pools.ray import RayPool
+
+        mt, m1, m2 = _models.tiny(), _models.mlp(), _models.mlp()
+        async with RayPool(workers=2) as rp:
+            await rp.warmup(mt, example=x)
+            await rp.warmup(m1, m2, example=xm)
+            await per_call("asyncio/tiny/RayPool", lambda: rp.forward(mt, x), 100 if quick else 500)
+            await rounds("mlp/RayPool", lambda: rp.run_parallel(m1, m2, xm), 3 if quick else 10)
     finally:
         ray.shutdown()
     advance()
@@ -512,6 +522,13 @@ def targets() -> list[tuple[str, str, str, bool | None]]:
             "(comparison)",
             f"{R['asyncio/tiny/ray-actor']['median'] * 1e6:,.0f} us / "
             f"{ratio('mlp/serial-1-thread', 'mlp/Ray'):.2f}x",
+            None,
+        )
+        add(
+            "RayPool: tiny per call / 2 x mlp vs serial",
+            "(comparison with Ray actors)",
+            f"{R['asyncio/tiny/RayPool']['median'] * 1e6:,.0f} us / "
+            f"{ratio('mlp/serial-1-thread', 'mlp/RayPool'):.2f}x",
             None,
         )
     add(

@@ -17,6 +17,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     [
         ("two_modules.py", "outputs: (64, 512) (64, 256)"),
         ("trio_program.py", "8 results, each of shape (1, 8)"),
+        ("batched_requests.py", "500 answers in"),
     ],
 )
 def test_script_example_runs(name: str, expect: str) -> None:
