@@ -113,19 +113,21 @@ class CudaStreamPool(ThreadPool):
         self._streams: weakref.WeakKeyDictionary[torch.nn.Module, torch.cuda.Stream] = (
             weakref.WeakKeyDictionary()
         )
+        self._placed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         super().__init__(workers, threads_per_worker=0, max_queued=max_queued, name=name)
 
     # ------------------------------------------------------------------ hooks
     def _prepare(self, c: Call) -> Any:
         """Check devices in the caller's thread; mark where its inputs are ready."""
         module = c.module
-        if isinstance(module, torch.nn.Module):
+        if isinstance(module, torch.nn.Module) and module not in self._placed:
             for t in _tensors(module):
                 if t.device != self.device:
                     raise DeviceError(
                         f"module {module_name(module)} has a tensor on {t.device} but the pool "
                         f"runs on {self.device}: move it with module.to({str(self.device)!r})"
                     )
+            self._placed.add(module)  # checked once; moving it later is the caller's business
         on_device = False
         for leaf in flatten((c.args, c.kwargs))[0]:
             if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda":
@@ -170,9 +172,10 @@ class CudaStreamPool(ThreadPool):
                 done.record(stream)
             done.synchronize()
             consumer = torch.cuda.default_stream(self.device)
-            for v in out_leaves:
-                if isinstance(v, torch.Tensor) and v.device.type == "cuda":
-                    v.record_stream(consumer)
+            with torch.inference_mode():  # record_stream counts as an in-place op on them
+                for v in out_leaves:
+                    if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+                        v.record_stream(consumer)
         return unflatten(out_spec, iter(out_leaves))
 
     def _upload(self, value: Any, stream: torch.cuda.Stream) -> Any:

@@ -30,7 +30,7 @@ import anyio
 import torch
 
 from .._call import Call, ModuleSpec
-from ..errors import SerializationError, WorkerCrashedError
+from ..errors import PoolClosedError, SerializationError, WorkerCrashedError
 from ._base import Pool, _check_int
 from .process._pool import _rebuild_exception
 from .process._worker import _exception_message
@@ -54,12 +54,14 @@ class _Actor:
     def pid(self) -> int:
         return os.getpid()
 
-    def forward(self, key: int, box: list[Any], args: Any, kwargs: Any) -> tuple[Any, ...]:
+    def forward(self, key: int, box: list[Any] | None, args: Any, kwargs: Any) -> tuple[Any, ...]:
         try:
             module = self.modules.get(key)
             if module is None:
                 import ray
 
+                if box is None:  # cannot happen unless the parent's bookkeeping is wrong
+                    raise RuntimeError(f"actor pid {os.getpid()} lost module {key}")
                 obj = ray.get(box[0])
                 module = obj.build() if isinstance(obj, ModuleSpec) else obj
                 self.modules[key] = module
@@ -75,11 +77,12 @@ class _Actor:
 
 
 class _Worker:
-    __slots__ = ("handle", "pid")
+    __slots__ = ("handle", "modules", "pid")
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
         self.pid: int | None = None
+        self.modules: set[int] = set()  # keys this actor is known to hold
 
 
 class RayPool(Pool):
@@ -203,11 +206,16 @@ class RayPool(Pool):
 
     def _dispatch(self, item: _WorkItem) -> None:
         with self._alock:
+            if not self._idle_actors:  # only while closing: the dead actor was not replaced
+                raise PoolClosedError(f"{self._name} closed before the call ran")
             w = self._idle_actors.pop()
         item.worker = w
         key, ref = item.payload
         c = item.call
-        out = w.handle.forward.remote(key, [ref], c.args, c.kwargs)
+        # Send the module's ObjectRef only until the actor holds it: a ref inside the
+        # arguments makes the actor a borrower, which costs Ray messages on every call.
+        box = None if key in w.modules else [ref]
+        out = w.handle.forward.remote(key, box, c.args, c.kwargs)
         out.future().add_done_callback(lambda f: self._on_done(item, w, f))
 
     def _on_done(self, item: _WorkItem, w: _Worker, f: concurrent.futures.Future[Any]) -> None:
@@ -235,6 +243,7 @@ class RayPool(Pool):
         else:
             if msg[0] == "ok":
                 result, item.compute_s = msg[1], msg[2]
+                w.modules.add(item.payload[0])
             else:
                 exc = _rebuild_exception(msg)
         with self._alock:
@@ -260,6 +269,7 @@ class RayPool(Pool):
             with self._alock:
                 actors = list(self._live)
             for w in actors:
+                w.modules.discard(hit[1])
                 w.handle.forget.remote(hit[1])
 
     async def wait_ready(self, timeout: float | None = None) -> None:
