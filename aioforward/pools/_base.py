@@ -448,14 +448,18 @@ class Pool(concurrent.futures.Executor, abc.ABC):
     async def warmup(self, *modules: torch.nn.Module | ModuleSpec, example: Any = None) -> None:
         """Load modules into every worker ahead of traffic (and run ``example`` once each).
 
-        ``example`` is passed as the single positional argument (a tuple is
-        spread as positional arguments); without it modules are only loaded
-        where the backend has anything to load::
+        Waits for the workers first (:meth:`wait_ready`). ``example`` is passed
+        as the single positional argument (a tuple is spread as positional
+        arguments); each worker runs each module once with it, since the calls
+        are submitted while every worker is idle. Without it modules are only
+        loaded where the backend has anything to load (a process pool places
+        the weights in shared memory; workers map them on their first call)::
 
             await pool.warmup(encoder, decoder, example=torch.zeros(1, 16))
         """
         for i, m in enumerate(modules):
             check_module(m, f"modules[{i}]")
+        await self.wait_ready()
         if example is None:
             await self._load(modules)
             return
@@ -468,12 +472,20 @@ class Pool(concurrent.futures.Executor, abc.ABC):
             labels += [f"raised by warmup of {module_name(m)}"] * len(more)
         await wait_all(futs, labels)
 
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until every worker has started (immediate where workers start at once).
+
+        Example: ``await pool.wait_ready(timeout=30)``.
+        """
+
     async def _load(self, modules: tuple[torch.nn.Module | ModuleSpec, ...]) -> None:
-        """Load modules without running them (backends with per-worker state override)."""
+        """Load modules without running them: what ``_prepare`` does at a first submit."""
+        for m in modules:
+            self._prepare(Call(m, (), {}))
 
     def _warmup_futures(self, c: Call) -> list[ForwardFuture[Any]]:
-        """Futures that run ``c`` once on every worker (default: once)."""
-        return [self.submit_call(c)]
+        """Futures that run ``c`` once on every worker (all idle: each takes one)."""
+        return [self.submit_call(c) for _ in range(self.workers)]
 
     # ------------------------------------------------------------------ stats & lifecycle
     def stats(self) -> PoolStats:

@@ -233,7 +233,7 @@ class RayPool(Pool):
             )
             with self._alock:
                 self._live.discard(w)
-                if self._state_open():
+                if not self.closed:
                     w = self._start_actor()  # the replacement takes the slot
             with self._lock:
                 self._restarts += 1
@@ -250,9 +250,6 @@ class RayPool(Pool):
             if w in self._live:
                 self._idle_actors.append(w)
         self._finish(item, result, exc)
-
-    def _state_open(self) -> bool:
-        return not self.closed
 
     def _interrupt(self, item: _WorkItem) -> None:
         # The deadline passed: kill the actor; _on_done replaces it once Ray confirms.
@@ -281,25 +278,10 @@ class RayPool(Pool):
             while len(self.worker_pids()) < self.workers:
                 await anyio.sleep(0.02)
 
-    async def warmup(self, *modules: torch.nn.Module | ModuleSpec, example: Any = None) -> None:
-        """Wait for the actors, then load ``modules`` on every one (see :meth:`Pool.warmup`).
-
-        Example: ``await pool.warmup(model, example=x)``.
-        """
-        await self.wait_ready()
-        await super().warmup(*modules, example=example)
-
     def worker_pids(self) -> list[int]:
         """Pids of the actors' processes (those known so far). Example: ``pool.worker_pids()``."""
         with self._alock:
             return [w.pid for w in self._live if w.pid is not None]
-
-    async def _load(self, modules: tuple[torch.nn.Module | ModuleSpec, ...]) -> None:
-        for m in modules:
-            self._prepare(Call(m, (), {}))
-
-    def _warmup_futures(self, c: Call) -> list[Any]:
-        return [self.submit_call(c) for _ in range(self.workers)]
 
     def _shutdown_backend(self, wait: bool) -> None:
         with self._alock:

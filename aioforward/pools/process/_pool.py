@@ -621,18 +621,6 @@ class ProcessPool(Pool):
         if self.kill_on_cancel:
             self._interrupt(item)
 
-    async def warmup(self, *modules: torch.nn.Module | ModuleSpec, example: Any = None) -> None:
-        """Wait for every worker to start, then load the modules into each of them.
-
-        With ``example`` each worker runs each module once (the calls are submitted
-        while every worker is idle, so each worker gets one); without it the weights
-        are placed in shared memory and each worker maps them on its first call::
-
-            await pool.warmup(encoder, decoder, example=torch.zeros(1, 16))
-        """
-        await self.wait_ready()
-        await super().warmup(*modules, example=example)
-
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until all ``workers`` have started (raises ``WorkerStartError`` if they fail).
 
@@ -643,14 +631,6 @@ class ProcessPool(Pool):
                 if self._start_error is not None:
                     raise self._start_error
                 await anyio.sleep(0.01)
-
-    def _warmup_futures(self, c: Call) -> list[Any]:
-        # One call per worker: every worker is idle (wait_ready), so each takes one.
-        return [self.submit_call(c) for _ in range(self.workers)]
-
-    async def _load(self, modules: tuple[torch.nn.Module | ModuleSpec, ...]) -> None:
-        for m in modules:
-            self._prepare(Call(m, (), {}))
 
     def worker_pids(self) -> list[int]:
         """Pids of the live worker processes. Example: ``os.kill(pool.worker_pids()[0], 9)``."""
