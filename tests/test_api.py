@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 
 import anyio
 import pytest
@@ -158,18 +159,22 @@ async def test_loop_stays_free_while_heavy_forwards_run() -> None:
             for _ in range(5):
                 await pool.run_parallel(m1, m2, x)
         compute = pool.stats().compute.p50
+        direct = []
         async with af.LoopLagMonitor() as frozen:
             await anyio.sleep(0.005)
             for _ in range(3):
+                t0 = time.perf_counter()
                 with torch.inference_mode():
                     m1(x)
+                direct.append(time.perf_counter() - t0)
                 await anyio.sleep(0.005)
-    # Relative bounds only: on a noisy 2-core VM one beat can wait out a scheduler slice,
-    # but no beat waits for a whole pass (as the direct call below makes them do).
+    # Relative bounds only, each against a duration measured in the same test: on a noisy
+    # 2-core VM one beat can wait out a scheduler slice, but no beat waits for a whole pass,
+    # as the direct calls below make them do.
     assert lag.stats().samples > 10
     assert lag.stats().p50 < compute / 10, (lag.stats(), compute)
     assert lag.stats().max < compute, (lag.stats(), compute)
-    assert frozen.stats().max > compute / 2, (frozen.stats(), compute)
+    assert frozen.stats().max > 0.8 * min(direct), (frozen.stats(), direct)
 
 
 def test_default_pool_is_a_thread_pool_and_recreated_after_close() -> None:
