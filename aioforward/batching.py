@@ -41,7 +41,7 @@ from ._call import Call, ModuleSpec, check_module, module_name
 from ._future import ForwardFuture
 from ._tree import Spec, flatten, unflatten
 from .errors import PoolClosedError
-from .pools._base import Pool, _check_int, _check_timeout
+from .pools._base import Pool, _check_int, _check_number, _check_timeout
 
 if TYPE_CHECKING:
     from collections.abc import Hashable
@@ -120,12 +120,7 @@ class Batcher:
         if pool is not DEFAULT and not isinstance(pool, Pool):
             raise TypeError(f"pool must be an aioforward Pool or aioforward.DEFAULT, got {pool!r}")
         _check_int("max_batch_size", max_batch_size, 1)
-        if (
-            isinstance(max_delay, bool)
-            or not isinstance(max_delay, int | float)
-            or not max_delay >= 0
-        ):
-            raise ValueError(f"max_delay must be a number of seconds >= 0, got {max_delay!r}")
+        _check_number("max_delay", max_delay, "a number of seconds")
         if max_in_flight is not None:
             _check_int("max_in_flight", max_in_flight, 1)
         self.module = module
@@ -219,7 +214,7 @@ class Batcher:
             due += self._open.values()
             self._open.clear()
             return due, None
-        limit = self.max_in_flight or max(1, getattr(_pool(self.pool), "workers", 1))
+        limit = self.max_in_flight or _pool(self.pool).workers
         now, wait = time.monotonic(), None
         for key, batch in list(self._open.items()):  # oldest first
             if self._in_flight + len(due) >= limit:

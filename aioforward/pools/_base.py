@@ -586,6 +586,12 @@ def _check_int(name: str, value: object, low: int) -> None:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
+def _check_number(name: str, value: object, what: str = "a number") -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a real number >= 0 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be {what} >= 0, got {value!r}")
+
+
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None and (not isinstance(timeout, int | float) or not timeout >= 0):
         raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")

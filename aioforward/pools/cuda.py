@@ -26,6 +26,7 @@ default stream, where callers usually consume them.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -121,15 +122,16 @@ class CudaStreamPool(ThreadPool):
         """Check devices in the caller's thread; mark where its inputs are ready."""
         module = c.module
         if isinstance(module, torch.nn.Module) and module not in self._placed:
-            for t in _tensors(module):
+            for t in itertools.chain(module.parameters(), module.buffers()):
                 if t.device != self.device:
                     raise DeviceError(
                         f"module {module_name(module)} has a tensor on {t.device} but the pool "
                         f"runs on {self.device}: move it with module.to({str(self.device)!r})"
                     )
             self._placed.add(module)  # checked once; moving it later is the caller's business
+        leaves, spec = flatten((c.args, c.kwargs))  # kept for the launch thread
         on_device = False
-        for leaf in flatten((c.args, c.kwargs))[0]:
+        for leaf in leaves:
             if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda":
                 if leaf.device != self.device:
                     raise DeviceError(
@@ -137,11 +139,11 @@ class CudaStreamPool(ThreadPool):
                         f"runs on {self.device}: move the input, or use a pool on {leaf.device}"
                     )
                 on_device = True
-        if not on_device:
-            return None
-        ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        ready.record(torch.cuda.current_stream(self.device))
-        return ready
+        ready = None
+        if on_device:
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record(torch.cuda.current_stream(self.device))
+        return ready, leaves, spec
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(self.device)
@@ -154,13 +156,12 @@ class CudaStreamPool(ThreadPool):
             return stream
 
     def _forward(self, item: _WorkItem, module: torch.nn.Module) -> Any:
-        c = item.call
+        ready, leaves, spec = item.payload
         stream = self._stream(module)
         with torch.cuda.device(self.device):
-            if item.payload is not None:
-                stream.wait_event(item.payload)  # the caller's kernels producing the inputs
+            if ready is not None:
+                stream.wait_event(ready)  # the caller's kernels producing the inputs
             with torch.cuda.stream(stream):
-                leaves, spec = flatten((c.args, c.kwargs))
                 args, kwargs = unflatten(spec, iter([self._upload(v, stream) for v in leaves]))
                 with torch.inference_mode():
                     out = module(*args, **kwargs)
@@ -186,10 +187,6 @@ class CudaStreamPool(ThreadPool):
             return value
         src = value if value.is_pinned() else value.pin_memory()
         return src.to(self.device, non_blocking=True)
-
-
-def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(), *module.buffers()]
 
 
 def _download(value: Any) -> Any:

@@ -31,7 +31,7 @@ import torch
 
 from .._call import Call, ModuleSpec
 from ..errors import PoolClosedError, SerializationError, WorkerCrashedError
-from ._base import Pool, _check_int
+from ._base import Pool, _check_int, _check_number
 from .process._pool import _rebuild_exception
 from .process._worker import _exception_message
 
@@ -128,12 +128,8 @@ class RayPool(Pool):
         init_kwargs: dict[str, Any] | None = None,
     ) -> None:
         _check_int("workers", workers, 1)
-        for arg, value in (
-            ("num_cpus_per_worker", num_cpus_per_worker),
-            ("num_gpus_per_worker", num_gpus_per_worker),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{arg} must be a number >= 0, got {value!r}")
+        _check_number("num_cpus_per_worker", num_cpus_per_worker)
+        _check_number("num_gpus_per_worker", num_gpus_per_worker)
         if threads_per_worker is None:
             threads_per_worker = max(1, int(num_cpus_per_worker))
         _check_int("threads_per_worker", threads_per_worker, 0)
