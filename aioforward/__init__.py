@@ -10,6 +10,8 @@ and trio::
     y = await af.forward(model, x, attention_mask=mask)
 """
 
+import typing as _typing
+
 from ._api import DEFAULT as DEFAULT
 from ._api import AsyncModule as AsyncModule
 from ._api import default_pool as default_pool
@@ -22,6 +24,8 @@ from ._call import call as call
 from ._cpus import usable_cpus as usable_cpus
 from ._future import ForwardFuture as ForwardFuture
 from ._malloc import keep_freed_memory as keep_freed_memory
+from ._stats import Latency as Latency
+from ._stats import PoolStats as PoolStats
 from .batching import Batcher as Batcher
 from .batching import BatcherStats as BatcherStats
 from .errors import AioforwardError as AioforwardError
@@ -36,14 +40,14 @@ from .errors import WorkerCrashedError as WorkerCrashedError
 from .errors import WorkerStartError as WorkerStartError
 from .monitor import LagStats as LagStats
 from .monitor import LoopLagMonitor as LoopLagMonitor
-from .pools._base import Latency as Latency
-from .pools._base import MapResult as MapResult
 from .pools._base import Pool as Pool
-from .pools._base import PoolStats as PoolStats
-from .pools.cuda import CudaStreamPool as CudaStreamPool
+from .pools._map import MapResult as MapResult
 from .pools.process import ProcessPool as ProcessPool
-from .pools.ray import RayPool as RayPool
 from .pools.thread import ThreadPool as ThreadPool
+
+if _typing.TYPE_CHECKING:
+    from .pools.cuda import CudaStreamPool as CudaStreamPool
+    from .pools.ray import RayPool as RayPool
 
 __version__ = "0.1.0"
 
@@ -84,13 +88,38 @@ __all__ = (
     "usable_cpus",
 )
 
-# Public names report their public home (as trio and httpx do): tracebacks and
-# pickles then say ``aioforward.X``, which stays stable when private modules move.
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("aioforward.") and hasattr(_obj, "__qualname__"):
+# Loaded on first use, as anyio loads its backends: importing aioforward imports neither the
+# CUDA pool's machinery nor Ray (an optional extra). Everything else loads with the package,
+# at import time: a first ``af.forward(...)`` must not stall the event loop importing modules.
+_OPTIONAL = {"CudaStreamPool": ".pools.cuda", "RayPool": ".pools.ray"}
+
+
+def _public_home(obj: object) -> None:
+    """Public names report their public home (as trio and httpx do): tracebacks and
+    pickles then say ``aioforward.X``, which stays stable when private modules move."""
+    if getattr(obj, "__module__", "").startswith("aioforward.") and hasattr(obj, "__qualname__"):
         try:
-            _obj.__module__ = __name__
+            obj.__module__ = __name__
         except (AttributeError, TypeError):
             pass
-del _name, _obj
+
+
+def __getattr__(name: str) -> object:
+    if name not in _OPTIONAL:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    obj = getattr(importlib.import_module(_OPTIONAL[name], __name__), name)
+    _public_home(obj)
+    globals()[name] = obj
+    return obj
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+for _name in __all__:
+    if _name not in _OPTIONAL:
+        _public_home(globals()[_name])
+del _name

@@ -3,45 +3,77 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+# Absolute imports: anyio.to_process workers (which the bench measures) run this file by path
+# as their __main__, where a relative import fails.
+from aioforward.bench._cli import Options, configure_parser
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aioforward")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="two modules: direct calls vs run_parallel, with loop lag")
-    demo.add_argument("--rounds", type=int, default=8, help="forward passes per mode (default 8)")
-    sub.add_parser(
-        "bench", help="the benchmark suite (benchmarks/run.py of a source checkout)", add_help=False
+def _rounds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 1 (forward passes per mode, after one warm-up), got {value}"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m aioforward`` command line, with its ``demo`` and ``bench`` commands.
+
+    Example: ``build_parser().parse_args(["demo", "--rounds", "3"]).rounds == 3``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m aioforward",
+        description="aioforward's command line: a demo, and the benchmark suite.",
     )
-    args, rest = parser.parse_known_args(argv)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    demo = sub.add_parser(
+        "demo",
+        help="two modules: direct calls vs run_parallel, with loop lag",
+        description="Run an MLP and a conv net one after the other in a coroutine, then at "
+        "once with run_parallel on a ThreadPool and a ProcessPool, and print wall time, "
+        "speed-up and event-loop lag. Uses rich when installed ('aioforward[cli]').",
+    )
+    demo.add_argument(
+        "--rounds",
+        type=_rounds,
+        default=8,
+        metavar="N",
+        help="forward passes per mode, N >= 1 (default 8)",
+    )
+    configure_parser(
+        sub.add_parser(
+            "bench",
+            help="measure every pool against the alternatives on this machine "
+            "(needs 'aioforward[bench]')",
+        )
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m aioforward`` with ``argv`` (``sys.argv[1:]`` when ``None``); return the
+    exit status.
+
+    Example: ``main(["demo", "--rounds", "2"])``, or ``main(["bench", "--help"])``.
+    """
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from ._demo import run_demo
+        from aioforward._demo import run_demo
 
         return run_demo(rounds=args.rounds)
-    script = _find_bench()
-    if script is None:
-        print(
-            "python -m aioforward bench runs benchmarks/run.py from a source checkout of "
-            "aioforward; run it from the repository's root",
-            file=sys.stderr,
-        )
-        return 2
-    # Import it as a module (benchmarks.run), not as __main__: spawned workers of the
-    # alternatives it measures must find its functions by name.
-    sys.path.insert(0, str(script.parent.parent))
-    bench = importlib.import_module("benchmarks.run")
-    return int(bench.main(rest))
+    from aioforward.bench._cli import run
 
-
-def _find_bench() -> Path | None:
-    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        candidate = root / "benchmarks" / "run.py"
-        if candidate.is_file():
-            return candidate
-    return None
+    return run(Options.from_namespace(args))
 
 
 if __name__ == "__main__":

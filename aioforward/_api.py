@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
-import atexit
 import enum
 import threading
 from typing import TYPE_CHECKING, Any, Final
 
 from ._call import Call, ModuleSpec, check_module
+from .errors import PoolClosedError
 from .pools._base import Pool, parse_parallel, run_calls
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT", "AsyncModule", "default_pool", "forward", "run_parallel", "set_default_pool"]
+__all__ = [
+    "DEFAULT",
+    "AsyncModule",
+    "Default",
+    "default_pool",
+    "forward",
+    "resolve_pool",
+    "run_parallel",
+    "set_default_pool",
+]
 
 
-class _Default(enum.Enum):
+class Default(enum.Enum):
+    """The type of :data:`DEFAULT`."""
+
     DEFAULT = "DEFAULT"
 
     def __repr__(self) -> str:
         return "aioforward.DEFAULT"
 
 
-DEFAULT: Final = _Default.DEFAULT
+DEFAULT: Final = Default.DEFAULT
 """Sentinel for ``pool=``: use :func:`default_pool` (distinct from ``None``)."""
 
 _default: Pool | None = None
@@ -37,7 +48,9 @@ def default_pool() -> Pool:
     Created on first use: a :class:`ThreadPool` with one thread per usable CPU.
     Threads add the least per call (tens of microseconds) and share weights;
     see the README for when a :class:`ProcessPool` is the better default and
-    :func:`set_default_pool` to install one::
+    :func:`set_default_pool` to install one. A pool you installed and then
+    closed is not replaced behind your back: it raises ``PoolClosedError``
+    until you install another or call ``set_default_pool(None)``::
 
         pool = aioforward.default_pool()
         print(pool.stats())
@@ -47,6 +60,12 @@ def default_pool() -> Pool:
     if pool is not None and not pool.closed:
         return pool
     with _default_lock:
+        if _default is not None and _default.closed and not _default_owned:
+            raise PoolClosedError(
+                f"the default pool installed with set_default_pool() ({_default!r}) has been "
+                "closed; install another, or call aioforward.set_default_pool(None) to go back "
+                "to the built-in thread pool"
+            )
         if _default is None or _default.closed:
             from .pools.thread import ThreadPool
 
@@ -76,15 +95,11 @@ def set_default_pool(pool: Pool | None) -> Pool | None:
     return previous
 
 
-@atexit.register
-def _close_default() -> None:
-    with _default_lock:
-        pool = _default if _default_owned else None
-    if pool is not None:
-        pool.close()
+def resolve_pool(pool: Pool | Default) -> Pool:
+    """``pool=`` as given to an API function: the pool itself, or the default pool.
 
-
-def _pool(pool: Pool | _Default) -> Pool:
+    Example: ``resolve_pool(aioforward.DEFAULT) is aioforward.default_pool()``.
+    """
     if pool is DEFAULT:
         return default_pool()
     if not isinstance(pool, Pool):
@@ -96,7 +111,7 @@ async def forward(
     module: torch.nn.Module | ModuleSpec,
     /,
     *args: Any,
-    pool: Pool | _Default = DEFAULT,
+    pool: Pool | Default = DEFAULT,
     timeout: float | None = None,
     **kwargs: Any,
 ) -> Any:
@@ -111,12 +126,12 @@ async def forward(
     released, see :class:`~aioforward.ForwardFuture`).
     """
     check_module(module, "module")
-    return await _pool(pool).submit_call(Call(module, args, kwargs), timeout=timeout)
+    return await resolve_pool(pool).submit_call(Call(module, args, kwargs), timeout=timeout)
 
 
 async def run_parallel(
     *modules_and_args: Any,
-    pool: Pool | _Default = DEFAULT,
+    pool: Pool | Default = DEFAULT,
     timeout: float | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
@@ -133,7 +148,7 @@ async def run_parallel(
     as itself, with a note naming the module that failed.
     """
     calls = parse_parallel(modules_and_args, kwargs)
-    return await run_calls(_pool(pool), calls, timeout)
+    return await run_calls(resolve_pool(pool), calls, timeout)
 
 
 class AsyncModule:
@@ -148,7 +163,7 @@ class AsyncModule:
     ``pool`` defaults to :func:`default_pool` (looked up at each call).
     """
 
-    def __init__(self, module: torch.nn.Module | ModuleSpec, pool: Pool | _Default = DEFAULT):
+    def __init__(self, module: torch.nn.Module | ModuleSpec, pool: Pool | Default = DEFAULT):
         check_module(module, "module")
         if pool is not DEFAULT and not isinstance(pool, Pool):
             raise TypeError(f"pool must be an aioforward Pool or aioforward.DEFAULT, got {pool!r}")
@@ -156,7 +171,9 @@ class AsyncModule:
         self.pool = pool
 
     async def __call__(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        return await _pool(self.pool).submit_call(Call(self.module, args, kwargs), timeout=timeout)
+        return await resolve_pool(self.pool).submit_call(
+            Call(self.module, args, kwargs), timeout=timeout
+        )
 
     def __repr__(self) -> str:
         return f"AsyncModule({self.module!r})"

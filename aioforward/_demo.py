@@ -1,4 +1,8 @@
-"""The demo: two modules run directly in a coroutine vs with run_parallel on each pool."""
+"""The demo: two modules run directly in a coroutine vs with run_parallel on each pool.
+
+Output goes through rich when it is installed (``pip install 'aioforward[cli]'``), else as plain
+text: ``python -m aioforward demo`` works on a bare install.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import torch
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
 from . import _models
 from ._api import run_parallel
@@ -22,9 +23,106 @@ from .pools.process import ProcessPool
 from .pools.thread import ThreadPool
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
     from .pools._base import Pool
 
 Round = Callable[[], Awaitable[Any]]
+Result = tuple[str, dict[str, float]]  # (how, {"wall", "lag_p99", "lag_max"} in seconds)
+COLUMNS = ("how", "wall time", "speed-up", "loop lag p99", "loop lag max")
+
+
+class _PlainOutput:
+    """Output without rich: one line per mode as it starts, then an aligned text table."""
+
+    def header(self, text: str) -> None:
+        print(text, flush=True)
+
+    def start(self, total: int) -> None:
+        pass
+
+    def mode(self, label: str) -> None:
+        print(f"  running: {label}", flush=True)
+
+    def advance(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def table(self, title: str, rows: Sequence[Sequence[str]]) -> None:
+        widths = [max(len(r[i]) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
+
+        def line(cells: Sequence[str]) -> str:
+            first, *rest = (
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            return "  ".join([first, *rest]).rstrip()
+
+        print(f"\n{title}\n{line(COLUMNS)}\n{line(['-' * w for w in widths])}")
+        print("\n".join(line(r) for r in rows), flush=True)
+
+
+class _RichOutput:
+    """Output through rich: a transient progress bar, then a table."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console: Console = Console()
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def header(self, text: str) -> None:
+        self.console.print(text, markup=False)
+
+    def start(self, total: int) -> None:
+        from rich.progress import Progress
+
+        self._progress = Progress(console=self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task("demo", total=total)
+
+    def mode(self, label: str) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description=label)
+
+    def advance(self) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def table(self, title: str, rows: Sequence[Sequence[str]]) -> None:
+        from rich.table import Table
+
+        table = Table(title=title)
+        for i, col in enumerate(COLUMNS):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for r in rows:
+            table.add_row(*r)
+        self.console.print(table)
+
+
+Output = _PlainOutput | _RichOutput
+
+
+def _output(plain: bool | None) -> Output:
+    if plain is None:
+        try:
+            import rich  # noqa: F401  (an optional extra: aioforward[cli])
+        except ImportError:
+            plain = True
+        else:
+            plain = False
+    return _PlainOutput() if plain else _RichOutput()
 
 
 async def _measure(one_round: Round, rounds: int, advance: Callable[[], None]) -> dict[str, float]:
@@ -45,12 +143,11 @@ async def _measure(one_round: Round, rounds: int, advance: Callable[[], None]) -
     }
 
 
-async def _demo(rounds: int, console: Console) -> list[tuple[str, dict[str, float]]]:
+async def _demo(rounds: int, out: Output) -> list[Result]:
     torch.manual_seed(0)
     m1, m2 = _models.mlp(), _models.conv()
     x1, x2 = _models.INPUTS["mlp"](), _models.INPUTS["conv"]()
-    results: list[tuple[str, dict[str, float]]] = []
-    modes: list[tuple[str, Callable[[], Any]]] = []
+    results: list[Result] = []
 
     async def direct() -> None:
         with torch.inference_mode():
@@ -63,59 +160,69 @@ async def _demo(rounds: int, console: Console) -> list[tuple[str, dict[str, floa
         assert pool is not None
         await run_parallel(call(m1, x1), call(m2, x2), pool=pool)
 
-    modes = [
+    modes: list[tuple[str, Round]] = [
         (
             f"direct calls in the coroutine, one after the other ({usable_cpus()} torch threads)",
-            lambda: direct,
+            direct,
         ),
-        ("run_parallel on ThreadPool(workers=2)", lambda: parallel),
-        ("run_parallel on ProcessPool(workers=2)", lambda: parallel),
+        ("run_parallel on ThreadPool(workers=2)", parallel),
+        ("run_parallel on ProcessPool(workers=2)", parallel),
     ]
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("demo", total=len(modes) * (rounds + 1))
-        for label, make in modes:
-            progress.update(task, description=label.split(" (")[0])
+    out.start(len(modes) * (rounds + 1))
+    try:
+        for label, one_round in modes:
+            out.mode(label.split(" (")[0])
             if "ThreadPool" in label:
                 pool = ThreadPool(workers=2)
             elif "ProcessPool" in label:
                 pool = ProcessPool(workers=2)
                 await pool.warmup(m1, m2)
             try:
-                results.append(
-                    (label, await _measure(make(), rounds, lambda: progress.advance(task)))
-                )
+                results.append((label, await _measure(one_round, rounds, out.advance)))
             finally:
                 if pool is not None:
                     await pool.aclose()
                     pool = None
+    finally:
+        out.stop()
     return results
 
 
-def run_demo(rounds: int = 8) -> int:
-    """Run the demo and print a table. Example: ``python -m aioforward demo``."""
-    console = Console()
-    console.print(
-        "[bold]aioforward demo[/]: an MLP (4 x Linear 1024, batch 256) and a conv net "
-        f"(8x3x128x128), {rounds} rounds each, on {usable_cpus()} CPUs"
-    )
-    results = anyio.run(_demo, rounds, console)
+def table_rows(results: Sequence[Result]) -> list[list[str]]:
+    """The demo table's rows: wall time, speed-up over the first row, loop lag.
+
+    Example: ``table_rows([("direct", {"wall": 0.03, "lag_p99": 0.03, "lag_max": 0.03})])``
+    gives ``[["direct", "30.0 ms", "1.00x", "30.0 ms", "30.0 ms"]]``.
+    """
     base = results[0][1]["wall"]
-    table = Table(title="both modules, one round")
-    table.add_column("how")
-    table.add_column("wall time", justify="right")
-    table.add_column("speed-up", justify="right")
-    table.add_column("loop lag p99", justify="right")
-    table.add_column("loop lag max", justify="right")
-    for label, r in results:
-        table.add_row(
+    return [
+        [
             label,
             f"{r['wall'] * 1e3:.1f} ms",
             f"{base / r['wall']:.2f}x",
             f"{r['lag_p99'] * 1e3:.1f} ms",
             f"{r['lag_max'] * 1e3:.1f} ms",
-        )
-    console.print(table)
-    console.print(
+        ]
+        for label, r in results
+    ]
+
+
+def run_demo(rounds: int = 8, *, plain: bool | None = None) -> int:
+    """Run the demo and print a table; return the exit status. ``plain`` forces plain-text
+    output (``True``) or rich (``False``); by default rich is used when installed.
+
+    Example: ``python -m aioforward demo --rounds 8``, or ``run_demo(rounds=2, plain=True)``.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    out = _output(plain)
+    out.header(
+        "aioforward demo: an MLP (4 x Linear 1024, batch 256) and a conv net "
+        f"(8x3x128x128), {rounds} rounds each, on {usable_cpus()} CPUs"
+    )
+    results = anyio.run(_demo, rounds, out)
+    out.table("both modules, one round", table_rows(results))
+    out.header(
         "Direct calls freeze the event loop for the whole forward pass; the pools keep it "
         "beating while both modules run at once."
     )

@@ -25,7 +25,7 @@ import sniffio
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator, Sequence
 
-    from .pools._base import _WorkItem
+    from .pools._worker import WorkItem
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
     """
 
     # The pool's work item, set by the pool before the future is handed out.
-    _item: _WorkItem | None = None
+    _item: WorkItem | None = None
 
     def running(self) -> bool:
         """True while a worker executes the call (not merely queued)."""
@@ -74,7 +74,7 @@ def _wake_asyncio(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None])
         pass
 
 
-def _waker() -> tuple[Callable[[], None], Callable[[], Any]]:
+def waker() -> tuple[Callable[[], None], Callable[[], Any]]:
     """Return ``(wake, wait)``: ``wake`` is safe from any thread, ``wait`` is awaited here."""
     if sniffio.current_async_library() == "trio":
         import trio
@@ -96,7 +96,7 @@ def _waker() -> tuple[Callable[[], None], Callable[[], Any]]:
 
 async def _wait_one(fut: ForwardFuture[T]) -> T:
     if not fut.done():
-        wake, wait = _waker()
+        wake, wait = waker()
         fut.add_done_callback(lambda _f: wake())
         try:
             await wait()
@@ -117,7 +117,7 @@ async def wait_all(futures: Sequence[ForwardFuture[Any]], labels: Sequence[str])
     left = [len(pending)]
     first: list[ForwardFuture[Any]] = [f for f in futures if f.done() and _failed(f)][:1]
     if left[0] and not first:
-        wake, wait = _waker()
+        wake, wait = waker()
 
         def on_done(f: concurrent.futures.Future[Any]) -> None:
             # Runs in whichever thread completed f.

@@ -36,12 +36,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import torch
 
-from ._api import DEFAULT, _Default, _pool
+from . import _registry
+from ._api import DEFAULT, Default, resolve_pool
 from ._call import Call, ModuleSpec, check_module, module_name
 from ._future import ForwardFuture
 from ._tree import Spec, flatten, unflatten
+from ._validate import check_int, check_number, check_timeout
 from .errors import PoolClosedError
-from .pools._base import Pool, _check_int, _check_number, _check_timeout
+from .pools._base import Pool
 
 if TYPE_CHECKING:
     from collections.abc import Hashable
@@ -110,7 +112,7 @@ class Batcher:
     def __init__(
         self,
         module: torch.nn.Module | ModuleSpec,
-        pool: Pool | _Default = DEFAULT,
+        pool: Pool | Default = DEFAULT,
         *,
         max_batch_size: int = 32,
         max_delay: float = 0.0,
@@ -119,10 +121,10 @@ class Batcher:
         check_module(module, "module")
         if pool is not DEFAULT and not isinstance(pool, Pool):
             raise TypeError(f"pool must be an aioforward Pool or aioforward.DEFAULT, got {pool!r}")
-        _check_int("max_batch_size", max_batch_size, 1)
-        _check_number("max_delay", max_delay, "a number of seconds")
+        check_int("max_batch_size", max_batch_size, 1)
+        check_number("max_delay", max_delay)
         if max_in_flight is not None:
-            _check_int("max_in_flight", max_in_flight, 1)
+            check_int("max_in_flight", max_in_flight, 1)
         self.module = module
         self.pool = pool
         self.max_batch_size = max_batch_size
@@ -137,6 +139,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._batches = self._samples = self._largest = 0
+        _registry.register_batcher(self)  # for aioforward.metrics (weakly)
 
     # ------------------------------------------------------------------ calling
     async def __call__(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
@@ -145,7 +148,7 @@ class Batcher:
         Example: ``probs = await batcher(x, timeout=1.0)``. ``timeout`` raises
         the built-in ``TimeoutError``.
         """
-        _check_timeout(timeout)
+        check_timeout(timeout)
         fut = self.submit(*args, **kwargs)
         if timeout is None:  # no cancel scope: it costs more than the rest of the call
             return await fut
@@ -214,7 +217,7 @@ class Batcher:
             due += self._open.values()
             self._open.clear()
             return due, None
-        limit = self.max_in_flight or _pool(self.pool).workers
+        limit = self.max_in_flight or resolve_pool(self.pool).workers
         now, wait = time.monotonic(), None
         for key, batch in list(self._open.items()):  # oldest first
             if self._in_flight + len(due) >= limit:
@@ -238,7 +241,7 @@ class Batcher:
                 torch.stack(col) if isinstance(col[0], torch.Tensor) else col[0] for col in columns
             ]
             args, kwargs = unflatten(batch.spec, iter(stacked))
-            pool = _pool(self.pool)
+            pool = resolve_pool(self.pool)
             out = pool.submit_call(Call(self.module, tuple(args), dict(kwargs)))
         except BaseException as exc:
             self._done_one()
@@ -299,6 +302,11 @@ class Batcher:
             pending = sum(len(b.futures) for b in self._open.values())
             pending += sum(len(b.futures) for b in self._ready)
             return BatcherStats(self._batches, self._samples, self._largest, pending)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called. Example: ``if not batcher.closed: ...``."""
+        return self._closed
 
     def close(self) -> None:
         """Run the samples already waiting, refuse new ones, stop the flusher thread.

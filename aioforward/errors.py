@@ -22,7 +22,11 @@ worker's traceback is chained as ``__cause__`` (a :class:`RemoteTraceback`).
 
 from __future__ import annotations
 
+import os
+import pickle
+import traceback
 from concurrent.futures.process import BrokenProcessPool
+from typing import NamedTuple
 
 __all__ = [
     "AioforwardError",
@@ -35,6 +39,7 @@ __all__ = [
     "SerializationError",
     "WorkerCrashedError",
     "WorkerStartError",
+    "encode_exception",
 ]
 
 
@@ -50,16 +55,23 @@ class AioforwardError(Exception):
     """
 
 
-class PoolClosedError(AioforwardError):
-    """The pool was closed; no new work is accepted."""
+class PoolClosedError(AioforwardError, RuntimeError):
+    """The pool was closed; no new work is accepted.
+
+    It is also a :class:`RuntimeError`, which the standard executors raise on a
+    submit after ``shutdown()``, so ``except RuntimeError`` keeps working.
+    """
 
 
 class QueueFullError(AioforwardError):
     """The pool already holds ``max_queued`` waiting calls; the caller should back off."""
 
 
-class SerializationError(AioforwardError):
-    """A module, an input or a result could not be pickled or unpickled."""
+class SerializationError(AioforwardError, pickle.PicklingError):
+    """A module, an input or a result could not be pickled or unpickled.
+
+    It is also a :class:`pickle.PicklingError`, as the standard executors raise.
+    """
 
 
 class RemoteError(AioforwardError):
@@ -127,3 +139,44 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class EncodedException(NamedTuple):
+    """An exception raised in a worker (process or Ray actor), ready to cross back."""
+
+    blob: bytes | None  # the pickled exception, None when it cannot be rebuilt
+    type_name: str
+    text: str
+    traceback: str
+
+    def rebuild(self) -> BaseException:
+        """The original exception (or a :class:`RemoteError`), with the worker's
+        traceback as ``__cause__``."""
+        cause = RemoteTraceback(self.traceback)
+        blob = self.blob
+        if blob is not None:
+            try:
+                exc = pickle.loads(blob)
+            except BaseException:
+                exc = None
+            if isinstance(exc, BaseException):
+                exc.__cause__ = cause
+                return exc
+        err = RemoteError(self.type_name, self.text, self.traceback)
+        err.__cause__ = cause
+        return err
+
+
+def encode_exception(exc: BaseException) -> EncodedException:
+    """Encode ``exc`` (raised in this worker) for :meth:`EncodedException.rebuild` elsewhere.
+
+    Example: ``encode_exception(ValueError("bad")).rebuild()`` is a ``ValueError``.
+    """
+    tb = f"worker pid {os.getpid()}:\n{''.join(traceback.format_exception(exc))}"
+    blob: bytes | None
+    try:
+        blob = pickle.dumps(exc)
+        pickle.loads(blob)  # many exceptions pickle but cannot be rebuilt: check here
+    except BaseException:
+        blob = None
+    return EncodedException(blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)

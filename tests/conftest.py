@@ -52,7 +52,7 @@ def _shm_entries() -> set[str]:
         return set()
 
 
-def _fds() -> dict[str, str]:
+def open_fds() -> dict[str, str]:
     """Open descriptors, minus event-loop internals (epoll/eventfd/signalfd): the anyio
     runner keeps a loop alive across tests, and those are not ours to close."""
     out = {}
@@ -99,7 +99,7 @@ def no_leaks() -> Iterator[None]:
     """Fail the test if it leaves threads, processes, shm segments, fds or the default pool."""
     me = psutil.Process()
     threads, children = _threads(), {p.pid for p in me.children(recursive=True)}
-    shm, fds = _shm_entries(), _fds()
+    shm, fds = _shm_entries(), open_fds()
     yield
     if _api._default_owned:  # a test used the lazily created default pool: retire it
         aioforward.set_default_pool(None)
@@ -113,11 +113,12 @@ def no_leaks() -> Iterator[None]:
             if p.pid not in children and _alive(p) and not _in_ray_node(p)
         ]
         extra_shm = _shm_entries() - shm
-        now_fds = _fds()
+        now_fds = open_fds()
         extra_fds = {
             k: v
             for k, v in now_fds.items()
-            if fds.get(k) != v and not (v.startswith("socket:") and _ray_running())
+            if fds.get(k) != v
+            and not ((v.startswith("socket:") or "/ray/session_" in v) and _ray_running())
         }
         if not (extra_threads or extra_children or extra_shm or extra_fds):
             return

@@ -212,9 +212,9 @@ async def test_batcher_uses_the_default_pool() -> None:
     ("kwargs", "exc", "words"),
     [
         ({"max_batch_size": 0}, ValueError, "max_batch_size must be an int >= 1, got 0"),
-        ({"max_batch_size": 2.5}, ValueError, "max_batch_size"),
-        ({"max_delay": -1}, ValueError, "max_delay must be a number of seconds >= 0, got -1"),
-        ({"max_delay": "1"}, ValueError, "max_delay"),
+        ({"max_batch_size": 2.5}, TypeError, "max_batch_size must be an int >= 1, got 2.5"),
+        ({"max_delay": -1}, ValueError, "max_delay must be a number >= 0, got -1"),
+        ({"max_delay": "1"}, TypeError, "max_delay must be a number >= 0, got '1'"),
         ({"pool": "threads"}, TypeError, "pool must be"),
     ],
 )

@@ -1,59 +1,328 @@
-"""The benchmark suite's smoke run: `--quick` completes and writes a sane, complete report.
-No timing is asserted here; speed goals live in the report itself."""
+"""The command line: `python -m aioforward bench` (aioforward/bench/) and `demo`.
+
+The bench's CI smoke (`--smoke`) runs a few representative scenarios and checks the report is
+complete and sane; no timing is asserted here: speed goals live in the report itself. Every run
+happens from a temporary directory, never the repository, as it would from an installed package.
+"""
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from aioforward import _demo
+from aioforward.__main__ import build_parser
+from aioforward.bench import _cli, _report
+from aioforward.bench._measure import Run, Skip
+from aioforward.bench._scenarios import NAMES, SMOKE, ray_actors
 
-@pytest.mark.timeout(400)
-def test_quick_benchmark_writes_complete_report(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run(
-        [sys.executable, "-m", "aioforward", "bench", "--quick", "--out", str(tmp_path)],
-        cwd=root,
-        check=True,
-        timeout=380,
-        capture_output=True,
-    )
-    data = json.loads((tmp_path / "results.json").read_text())
-    results = data["results"]
-    for key in (
-        "asyncio/tiny/ProcessPool",
-        "uvloop/tiny/ThreadPool",
-        "mlp/ProcessPool",
-        "conv/ThreadPool",
-        "transformer/ProcessPool",
-        "memory/ProcessPool",
-        "memory/ProcessPoolExecutor",
-        "64MiB/ProcessPool-round-trip",
-        "lag/mlp/direct",
-        "start/ProcessPool-2-workers-module-loaded",
-        "asyncio/tiny/seed-process-per-call",
+ROOT = Path(__file__).resolve().parent.parent
+# The bench re-executes itself to set this unless it is set: saves a torch import per run.
+PASSIVE = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+# The figures each scenario records (every value must be positive).
+FIGURES = {
+    "overhead-asyncio": [
+        f"asyncio/tiny/{v}"
+        for v in (
+            "direct",
+            "to_thread",
+            "ThreadPool",
+            "ProcessPool",
+            "ProcessPoolExecutor",
+            "anyio.to_process",
+        )
+    ],
+    "overhead-uvloop": ["uvloop/tiny/ThreadPool", "uvloop/tiny/ProcessPool"],
+    "seed": ["asyncio/tiny/seed-process-per-call"],
+    **{
+        f"parallel-{kind}": [
+            f"{kind}/serial-1-thread",
+            f"{kind}/direct-default-threads",
+            f"{kind}/ThreadPool",
+            f"{kind}/ProcessPool",
+            f"lag/{kind}/direct",
+            f"lag/{kind}/ProcessPool-one-call",
+        ]
+        for kind in ("mlp", "conv", "transformer")
+    },
+    "memory": ["memory/ProcessPool", "memory/ProcessPoolExecutor"],
+    "transfer": ["64MiB/clone", "64MiB/ProcessPool-round-trip"],
+    "startup": ["start/ProcessPool-2-workers-module-loaded"],
+    "throughput": ["throughput/ThreadPool", "throughput/ProcessPool"],
+    "batching": [
         "batch/ThreadPool/Batcher",
+        "batch/ThreadPool/unbatched",
+        "batch/ProcessPool/Batcher",
         "batch/ProcessPool/unbatched",
         "batch/lone/Batcher",
-    ):
-        assert key in results, key
-        for v in results[key].values():
-            assert v > 0, (key, results[key])
-    assert len(data["targets"]) >= 15
-    report = (tmp_path / "report.md").read_text()
-    assert "| figure | target | measured | met |" in report
-    assert (tmp_path / "report.png").stat().st_size > 10_000
+        "batch/lone/forward",
+    ],
+}
 
 
-def test_demo_runs() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "aioforward", "demo", "--rounds", "2"],
-        check=True,
-        timeout=120,
-        capture_output=True,
+def run_cli(
+    args: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command in a session of its own; on timeout, kill it with its worker processes
+    (which would otherwise outlive it and fail the leak check too)."""
+    with subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{args[1:]} ran past {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def bench(
+    *args: str, cwd: Path, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "aioforward", "bench", *args]
+    return run_cli(cmd, cwd=cwd, timeout=timeout, env=env)
+
+
+def check_report(out: Path, ran: tuple[str, ...]) -> dict[str, Any]:
+    """The report of a run of the scenarios ``ran``: every figure of theirs positive, every
+    target row present (measured for them, "not run" for the others), a plot."""
+    data: dict[str, Any] = json.loads((out / "results.json").read_text())
+    results = data["results"]
+    assert data["meta"]["scenarios"] == {n: "ran" if n in ran else "not selected" for n in NAMES}
+    for name in ran:
+        for key in FIGURES.get(name, []):
+            assert key in results, key
+            assert all(v > 0 for v in results[key].values()), (key, results[key])
+    expected = _report.targets(Run("smoke", results), dict.fromkeys(ran))
+    assert [tuple(row) for row in expected] == [tuple(row) for row in data["targets"]]
+    report = (out / "report.md").read_text()
+    assert "| figure | target | measured | met |" in report
+    for figure, target, measured, _ in data["targets"]:
+        assert f"| {figure} | {target} | {measured} |" in report
+    assert (out / "report.png").stat().st_size > 10_000
+    return data
+
+
+@pytest.mark.timeout(45)
+def test_smoke_writes_complete_report_from_outside_the_repo(tmp_path: Path) -> None:
+    """The CI smoke: a few representative scenarios, from a directory that is not the
+    repository, into the default output folder (./bench-results)."""
+    proc = bench("--smoke", cwd=tmp_path, timeout=40, env=PASSIVE)
+    assert proc.returncode == 0, proc.stderr
+    data = check_report(tmp_path / "bench-results", SMOKE)
+    rows = {row[0]: row for row in data["targets"]}
+    assert rows["ProcessPool round trip, tiny (asyncio)"][3] is not None  # measured, judged
+    assert rows["ProcessPool start, 2 workers ready with module"][2].startswith("not run")
+    assert "wrote bench-results/results.json" in proc.stdout
+
+
+# Every other scenario, in groups that each stay inside a test's time limit (Ray's own tests
+# cover RayPool; the bench's Ray rows need a local Ray, tens of seconds to start).
+@pytest.mark.slow
+@pytest.mark.timeout(45)
+@pytest.mark.parametrize(
+    "only",
+    [
+        ("seed", "startup", "throughput"),
+        ("parallel-conv", "parallel-transformer"),
+        ("memory",),
+        ("transfer", "overhead-uvloop", "result-mode"),
+    ],
+    ids=lambda only: "+".join(only),
+)
+def test_every_scenario_runs(tmp_path: Path, only: tuple[str, ...]) -> None:
+    proc = bench("--smoke", "--only", *only, "--out", "out", cwd=tmp_path, timeout=40, env=PASSIVE)
+    assert proc.returncode == 0, proc.stderr
+    check_report(tmp_path / "out", only)
+
+
+def test_skipped_scenario_reexecutes_and_says_why(tmp_path: Path) -> None:
+    """Without OMP_WAIT_POLICY the bench re-executes itself with it; a scenario that cannot
+    run here (the CUDA row on a machine without a GPU) keeps its row, with the reason."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    proc = bench("--smoke", "--only", "cuda", "--out", "out", cwd=tmp_path, timeout=40, env=env)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["meta"]["command"] == "python -m aioforward bench --smoke --only cuda"
+    status = data["meta"]["scenarios"]["cuda"]
+    cuda_row = [row for row in data["targets"] if row[0].startswith("CudaStreamPool")]
+    if status != "ran":
+        assert status.startswith("skipped: ") and f"cuda: {status}" in proc.stdout
+        assert cuda_row == [[cuda_row[0][0], "", f"not run (cuda: {status})", None]]
+
+
+def test_bench_help_lists_its_options(tmp_path: Path) -> None:
+    proc = bench("--help", cwd=tmp_path, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m aioforward bench")
+    for text in ("--quick", "--smoke", "--only", "--out DIR", "./bench-results", *NAMES):
+        assert text in proc.stdout, text
+
+
+def test_bench_rejects_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["bench", "--only", "nonsense"])
+    assert exc.value.code == 2
+    assert "argument --only: invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+def test_bench_says_which_extra_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    real = _cli.importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> object:
+        return None if name in ("psutil", "matplotlib") else real(name, package)
+
+    monkeypatch.setattr(_cli.importlib.util, "find_spec", find_spec)
+    assert _cli.main(["--smoke", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "needs matplotlib, psutil: pip install 'aioforward[bench]'" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "size", "only", "back"),
+    [
+        ([], "full", NAMES, []),
+        (["--quick"], "quick", NAMES, ["--quick"]),
+        (["--smoke"], "smoke", SMOKE, ["--smoke"]),
+        (["--only", "memory", "seed"], "full", ("seed", "memory"), None),  # in run order
+        (["--smoke", "--only", "batching", "seed"], "smoke", ("seed", "batching"), None),
+    ],
+)
+def test_options(argv: list[str], size: str, only: tuple[str, ...], back: list[str] | None) -> None:
+    ns = build_parser().parse_args(["bench", *argv, "--out", "x"])
+    options = _cli.Options.from_namespace(ns)
+    assert (options.size, options.only, options.out) == (size, only, Path("x"))
+    again = _cli.Options.from_namespace(build_parser().parse_args(["bench", *options.argv()]))
+    assert again == options
+    if back is not None:
+        assert options.argv() == [*back, "--out", "x"]
+
+
+def test_quick_and_smoke_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["bench", "--quick", "--smoke"])
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_every_target_row_says_why_it_did_not_run() -> None:
+    status: dict[str, str | None] = {"ray": "skipped: ray is not installed"}
+    rows = _report.targets(Run("smoke"), status)
+    assert len(rows) == len(_report._TARGETS)
+    assert all(row.measured.startswith("not run (") and row.met is None for row in rows)
+    ray = [row for row in rows if row.figure == "Ray actors and RayPool"]
+    assert ray[0].measured == (
+        "not run (ray: skipped: ray is not installed; parallel-mlp: not selected)"
     )
-    assert "ProcessPool" in out.stdout and "speed-up" in out.stdout
+    assert _report.targets(Run("smoke"), status, unselected=False) == ray
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {r.split(";")[0].split(">")[0].split("=")[0].split("[")[0].strip() for r in requirements}
+
+
+def test_extras_bring_what_the_bench_and_demo_import() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = {k: _requirement_names(v) for k, v in project["optional-dependencies"].items()}
+    core = _requirement_names(project["dependencies"])
+    assert "rich" not in core  # only the demo and the bench use it
+    third_party = set()
+    for path in [*(ROOT / "aioforward" / "bench").glob("*.py"), ROOT / "aioforward" / "_demo.py"]:
+        third_party |= _imports(path) - set(sys.stdlib_module_names) - {"aioforward"}
+    optional = {"ray"}  # a row skipped, with the reason, when it is missing
+    assert third_party - core - optional <= extras["bench"], third_party
+    assert set(_cli.NEEDS) <= extras["bench"]
+    assert extras["cli"] == {"rich"} and extras["trio"] == {"trio"}
+    assert extras["bench"] | extras["cli"] | extras["trio"] | extras["uvloop"] <= extras["test"]
+    assert {"ruff", "mypy"} <= extras["dev"]
+
+
+def test_demo_rejects_zero_rounds(tmp_path: Path) -> None:
+    proc = run_cli(
+        [sys.executable, "-m", "aioforward", "demo", "--rounds", "0"], cwd=tmp_path, timeout=30
+    )
+    assert proc.returncode == 2
+    assert "argument --rounds: must be >= 1" in proc.stderr and "got 0" in proc.stderr
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1, got 0"):
+        _demo.run_demo(rounds=0)
+
+
+@pytest.mark.timeout(45)
+def test_demo_runs_without_rich(tmp_path: Path) -> None:
+    """A bare install has no rich: the demo prints a plain-text table."""
+    code = (
+        "import sys; sys.modules['rich'] = None\n"  # `import rich` now raises ImportError
+        "from aioforward.__main__ import main\n"
+        "sys.exit(main(['demo', '--rounds', '2']))\n"
+    )
+    proc = run_cli([sys.executable, "-c", code], cwd=tmp_path, timeout=40)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("aioforward demo: ")
+    header = lines.index("both modules, one round") + 1
+    assert lines[header].split("  ")[0] == "how"
+    rows = lines[header + 2 : header + 5]
+    hows = ("direct calls", "run_parallel on ThreadPool", "run_parallel on ProcessPool")
+    for row, how in zip(rows, hows, strict=True):
+        assert row.startswith(how) and row.count(" ms") == 3 and row.count("x") >= 1, row
+
+
+FAKE: list[_demo.Result] = [
+    ("direct calls", {"wall": 0.030, "lag_p99": 0.030, "lag_max": 0.031}),
+    ("run_parallel on ThreadPool(workers=2)", {"wall": 0.015, "lag_p99": 0.003, "lag_max": 0.004}),
+]
+
+
+def test_demo_table_plain_and_rich(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _demo.table_rows(FAKE) == [
+        ["direct calls", "30.0 ms", "1.00x", "30.0 ms", "31.0 ms"],
+        ["run_parallel on ThreadPool(workers=2)", "15.0 ms", "2.00x", "3.0 ms", "4.0 ms"],
+    ]
+    _demo._output(plain=True).table("both", _demo.table_rows(FAKE))
+    plain = capsys.readouterr().out.splitlines()
+    assert plain[1:4] == [
+        "both",
+        "how                                    wall time  speed-up  loop lag p99  loop lag max",
+        "-------------------------------------  ---------  --------  ------------  ------------",
+    ]
+    assert plain[5].endswith("15.0 ms     2.00x        3.0 ms        4.0 ms")
+    pytest.importorskip("rich")
+    _demo._output(plain=False).table("both", _demo.table_rows(FAKE))
+    assert "2.00x" in capsys.readouterr().out
+
+
+def test_ray_rows_are_skipped_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(Skip, match=r"^ray is not installed \(pip install 'aioforward\[ray\]'\)$"):
+        asyncio.run(ray_actors(Run("smoke")))

@@ -41,3 +41,17 @@ def test_asgi_example_stays_responsive_and_answers() -> None:
         assert r.status_code == 200
         assert -1.0 <= r.json()["similarity"] <= 1.0
         assert client.get("/health").json() == {"ok": True}
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with:Warning")  # starlette's own test client
+def test_metrics_example_serves_predictions_and_metrics() -> None:
+    from starlette.testclient import TestClient
+
+    mod = runpy.run_path(str(EXAMPLES / "metrics_app.py"))
+    with TestClient(mod["app"]) as client:
+        r = client.post("/predict", json={"features": [0.1] * 64})
+        assert r.status_code == 200
+        assert 0 <= r.json()["label"] < 10
+        text = client.get("/metrics").text
+        assert 'aioforward_pool_completed_total{kind="ThreadPool",pool="classifier"} 1.0' in text
+        assert 'aioforward_batcher_samples_total{batcher="Batcher(Sequential)"} 1.0' in text

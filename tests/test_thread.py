@@ -1,4 +1,4 @@
-"""ThreadPool specifics: torch thread budget, inference mode, grad=True."""
+"""ThreadPool specifics: torch thread budget, no_grad results like a direct call's, grad=True."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ class Probe(torch.nn.Module):
         return torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads()
 
 
-async def test_inference_mode_by_default_and_thread_budget() -> None:
+async def test_no_grad_by_default_and_thread_budget() -> None:
     before = torch.get_num_threads()
     async with af.ThreadPool(workers=1, threads_per_worker=2) as pool:
         inference, grad, threads = await pool.forward(Probe(), torch.zeros(1))
-    assert inference and not grad and threads == 2
+    assert not inference and not grad and threads == 2
     assert torch.get_num_threads() == before  # restored on close
 
 
@@ -54,7 +54,7 @@ async def test_train_eval_mode_left_as_user_set() -> None:
 def test_threads_per_worker_zero_leaves_torch_alone() -> None:
     torch.set_num_threads(1)
     with af.ThreadPool(workers=2, threads_per_worker=0) as pool:
-        assert pool.submit(Probe(), torch.zeros(1)).result(5)[0]
+        assert pool.submit(Probe(), torch.zeros(1)).result(5)[2] == 1
         assert torch.get_num_threads() == 1
 
 

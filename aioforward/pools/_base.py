@@ -1,20 +1,32 @@
-"""Pool: what every backend shares, written once.
+"""Pool: the public API, and the core that owns every worker, written once for all backends.
 
-A pool owns *slots* (one per idle worker: a thread, a process, a stream) and a
-FIFO queue of calls waiting for one. ``submit`` checks and prepares the call
-(a process pool pickles it here, so an unpicklable module fails before any slot
-is reserved), then either dispatches it to a free slot or queues it. A backend
-only knows how to start, run and stop its own kind of work:
+The public :class:`Pool` is a thin face over a :class:`PoolCore`. The core owns
+the workers (the set of live ones, the idle stack, how many are ready), the
+FIFO queue of calls waiting for one, capacity and ``max_queued``, deadlines,
+the restart policy, statistics and the lifecycle. A backend supplies two
+small things: a :class:`Backend` (per-pool behaviour: preparing a call at
+submit, loading modules, resources released at close) and its
+:class:`~aioforward.pools._worker.Worker` class (start, run one call,
+interrupt, stop). Nothing else counts workers.
 
-* ``_dispatch(item)``: run ``item`` on a reserved slot; call ``_finish`` when it ends;
-* ``_interrupt(item)``: stop a running call by force if the backend can (a
-  process can be killed, a thread cannot); the backend still calls ``_finish``;
-* ``_shutdown_backend(wait)``: stop the workers.
+Worker threads, supervisors and futures refer to the core, never to the
+``Pool`` object, so a pool dropped without ``close()`` is garbage-collected and
+its finalizer shuts the core down; an atexit hook does the same for every pool
+still open when the interpreter exits (after finishing the calls already
+submitted, as the standard executors do).
 
-The base class enforces capacity, ``max_queued`` back-pressure, deadlines (one
-timer thread per pool, started on the first call with a timeout), the
-cancellation semantics, statistics and the lifecycle. Everything is guarded by
-one ``threading.Lock``; futures are completed outside it.
+Lock order: ``PoolCore._lock`` may be held while taking the timer's lock;
+never the other way round. Backends never call into the core while holding a
+lock of their own, and the core never calls a worker or backend method (nor
+completes a future) while holding its lock.
+
+Restart policy: a worker that dies after it started (a crash, a kill on
+timeout) is replaced at once, so capacity is back within one worker start.
+Back-off (0.1 s, 0.2 s, 0.4 s ... 5 s) applies only to workers that die while
+starting; waiting calls fail with ``WorkerStartError`` when a start failure was
+reported (a traceback from the initializer) or after ``START_RETRIES`` silent
+deaths in a row, and at once when the failure can never heal (the missing
+``if __name__ == "__main__":`` guard).
 """
 
 from __future__ import annotations
@@ -26,59 +38,35 @@ import heapq
 import itertools
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-import torch
 
 from .._call import Call, ModuleSpec, call, check_module, module_name
-from .._future import ForwardFuture, _waker, wait_all
-from ..errors import PoolClosedError, QueueFullError
-from ..monitor import quantiles
+from .._future import ForwardFuture, wait_all
+from .._registry import register_pool
+from .._stats import Latency, PoolStats, Reservoir
+from .._validate import check_int, check_timeout
+from ..errors import PoolClosedError, QueueFullError, WorkerStartError
+from ._map import MapResult
+from ._worker import Worker, WorkItem
 
-__all__ = ["Latency", "Pool", "PoolStats"]
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    import torch
+
+__all__ = ["Backend", "Latency", "MapResult", "Pool", "PoolCore", "PoolStats"]
 
 T = TypeVar("T")
 
-_RESERVOIR = 2048  # latency samples kept per kind: enough for a stable p99, bounded memory
-
-
-@dataclass(frozen=True)
-class Latency:
-    """Latency quantiles in seconds over the most recent calls (0.0 when none)."""
-
-    p50: float = 0.0
-    p99: float = 0.0
-    max: float = 0.0
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    """A snapshot of a pool, from :meth:`Pool.stats`.
-
-    ``busy`` counts slots reserved by calls (including calls abandoned by a
-    cancel or timeout whose work has not ended yet); ``queued`` calls wait for a
-    slot. ``queue``, ``transfer`` and ``compute`` split the latency of a call:
-    waiting for a slot, moving data to and from a worker, running the module.
-    """
-
-    workers: int
-    busy: int
-    queued: int
-    completed: int
-    failed: int
-    cancelled: int
-    restarts: int
-    queue: Latency
-    transfer: Latency
-    compute: Latency
-
-
-def _quantiles(samples: Iterable[float]) -> Latency:
-    return Latency(*quantiles(samples))
+# Deaths while starting tolerated in a row before waiting calls fail with WorkerStartError
+# when the worker reported nothing (a stray SIGKILL, the OOM killer). Higher rides out more
+# stray kills; lower fails faster when a worker crashes hard at every start.
+START_RETRIES = 3
+BACKOFF_MAX = 5.0  # seconds between start attempts at most
 
 
 class _State(enum.Enum):
@@ -87,35 +75,564 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class _WorkItem:
-    """One call travelling through a pool."""
+class _Queued(enum.Enum):
+    """What ``shutdown`` does with calls still waiting for a worker."""
 
-    __slots__ = (
-        "call",
-        "compute_s",
-        "deadline",
-        "future",
-        "payload",
-        "seq",
-        "started",
-        "t_start",
-        "t_submit",
-        "transfer_s",
-        "worker",
-    )
+    RUN = "run"  # Executor.shutdown(): they still run
+    CANCEL = "cancel"  # shutdown(cancel_futures=True): their futures are cancelled
+    FAIL = "fail"  # close(): they fail with PoolClosedError
 
-    def __init__(self, c: Call, future: ForwardFuture[Any], deadline: float | None, seq: int):
-        self.call = c
-        self.future = future
-        self.deadline = deadline
-        self.seq = seq
-        self.started = False
-        self.t_submit = time.perf_counter()
-        self.t_start = 0.0
-        self.compute_s = 0.0
-        self.transfer_s = 0.0
-        self.payload: Any = None  # what the backend prepared at submit (e.g. pickled bytes)
-        self.worker: Any = None  # the backend's worker running it
+
+class Backend(abc.ABC):
+    """What one kind of pool adds to the core: its workers and per-pool resources.
+
+    A backend holds options and shared state (shipped modules, a supervisor
+    thread) but never a reference to the :class:`Pool`.
+    """
+
+    interrupt_on_cancel = False  # kill the running work of a cancelled call (if workers can)
+
+    @abc.abstractmethod
+    def new_worker(self, core: PoolCore) -> Worker:
+        """A new, unstarted worker."""
+
+    def prepare(self, c: Call) -> Any:
+        """Check and serialise a call in ``submit``, before any worker is reserved."""
+        return None
+
+    def open(self, core: PoolCore) -> None:  # noqa: B027 - optional hook
+        """Called once, when the first worker is about to start."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Called once, after every worker has exited: release what the pool held."""
+
+    def join(self, timeout: float | None) -> None:  # noqa: B027 - optional hook
+        """Wait for the backend's own threads after :meth:`close`."""
+
+    def release_caller(self) -> None:  # noqa: B027 - optional hook
+        """Called in the thread that closed the pool (the loop's thread for ``aclose``),
+        after close: restore per-thread settings such as torch's thread count, which
+        OpenMP keeps per thread (a worker thread is the wrong place to restore it)."""
+
+    def load(self, modules: tuple[torch.nn.Module | ModuleSpec, ...]) -> None:
+        """Load modules without running them (``warmup`` without an example)."""
+        for m in modules:
+            self.prepare(Call(m, (), {}))
+
+    def reload(self, module: torch.nn.Module) -> None:  # noqa: B027 - optional hook
+        """Ship ``module`` again where workers hold copies (threads share it: nothing to do)."""
+
+
+class _Timer:
+    """One thread per pool for deadlines and delayed restarts, started on first use."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def call_at(self, when: float, fn: Callable[[], None]) -> None:
+        with self._cv:
+            if self._stopped:
+                return
+            heapq.heappush(self._heap, (when, next(self._seq), fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def stop(self, join: bool) -> None:
+        with self._cv:
+            self._stopped = True
+            self._heap.clear()
+            self._cv.notify()
+            thread = self._thread
+        if join and thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _main(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    if self._stopped:
+                        return
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        fn = heapq.heappop(self._heap)[2]
+                        break
+                    self._cv.wait(self._heap[0][0] - now if self._heap else None)
+            fn()
+            del fn
+
+
+_interpreter_exiting = False
+_live_cores: set[PoolCore] = set()
+_live_lock = threading.Lock()
+
+
+class PoolCore:
+    """Owns the workers of one pool and every count about them (see the module docstring)."""
+
+    def __init__(
+        self, backend: Backend, *, workers: int, max_queued: int | None, name: str
+    ) -> None:
+        self.backend = backend
+        self.workers = workers
+        self.max_queued = max_queued
+        self.name = name
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # any change of state or counts
+        self._state = _State.OPEN
+        self._ending = False  # the last worker is gone: the backend is being closed
+        self._started = False
+        self._all: set[Worker] = set()  # live workers: starting, idle or busy
+        self._idle: list[Worker] = []  # ready and idle; a stack keeps warm workers warm
+        self._ready = 0
+        self._busy = 0
+        self._queue: deque[WorkItem] = deque()
+        self._seq = itertools.count()
+        self._completed = self._failed = self._cancelled = self._restarts = 0
+        self._lat_queue, self._lat_transfer, self._lat_compute = (
+            Reservoir(),
+            Reservoir(),
+            Reservoir(),
+        )
+        self._start_failures = 0  # deaths while starting in a row; a ready worker resets it
+        self._start_error: BaseException | None = None  # waiting calls were failed with it
+        self._fatal: BaseException | None = None  # no worker can ever start: submit fails
+        self._stopped: list[Worker] = []  # workers asked to stop, joined at close
+        self._timer = _Timer(f"{name}-timer")
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, c: Call, timeout: float | None) -> ForwardFuture[Any]:
+        check_timeout(timeout)
+        self._check_open()
+        payload = self.backend.prepare(c)
+        fut: ForwardFuture[Any] = ForwardFuture()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        item = WorkItem(c, fut, deadline, next(self._seq), payload)
+        fut._item = item
+        worker = None
+        with self._lock:
+            self._check_open()
+            starts = self._start_locked()
+            if self._idle and not self._queue:
+                worker = self._idle.pop()
+                self._assign_locked(worker, item)
+            else:
+                if self.max_queued is not None and len(self._queue) >= self.max_queued:
+                    n = len(self._queue)
+                    raise QueueFullError(
+                        f"{self.name}: {n} call{'s' if n != 1 else ''} already queued "
+                        f"(max_queued={self.max_queued}); retry later or raise max_queued"
+                    )
+                self._queue.append(item)
+            if deadline is not None:
+                self._timer.call_at(deadline, lambda: self._expire(item))
+        fut.add_done_callback(self._on_future_done)
+        self._start_workers(starts)
+        if worker is not None:
+            self._run(worker, item)
+        return fut
+
+    def _check_open(self) -> None:
+        if self._state is not _State.OPEN:
+            raise PoolClosedError(f"cannot submit to a pool that has been closed ({self.name})")
+        if _interpreter_exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self._fatal is not None:
+            raise self._fatal
+
+    def ensure_started(self) -> None:
+        """Start the workers if this is the pool's first use (``wait_ready``, ``warmup``)."""
+        self._check_open()
+        with self._lock:
+            starts = self._start_locked()
+        self._start_workers(starts)
+
+    def _start_locked(self) -> list[Worker]:
+        if self._started:
+            return []
+        self._started = True
+        with _live_lock:
+            _live_cores.add(self)
+        self.backend.open(self)
+        return [self._new_worker_locked() for _ in range(self.workers)]
+
+    def _new_worker_locked(self) -> Worker:
+        w = self.backend.new_worker(self)
+        self._all.add(w)
+        return w
+
+    def _start_workers(self, workers: list[Worker]) -> None:
+        for w in workers:
+            try:
+                w.start()
+            except BaseException as exc:
+                err = exc if isinstance(exc, WorkerStartError) else None
+                self.worker_lost(w, start_error=err or WorkerStartError(f"{exc}"), fatal=True)
+                if not isinstance(exc, Exception):
+                    raise
+
+    def _assign_locked(self, w: Worker, item: WorkItem) -> None:
+        item.started = True
+        item.worker = w
+        w.item = item
+        self._busy += 1
+        item.t_start = time.perf_counter()
+        self._lat_queue.add(item.t_start - item.t_submit)
+
+    def _run(self, w: Worker, item: WorkItem) -> None:
+        try:
+            w.run(item)
+        except Exception as exc:  # could not even send it (e.g. shared memory full)
+            self.call_done(w, item, exc=exc)
+        # KeyboardInterrupt/SystemExit propagate: the call may have been sent already, and
+        # its reply will end it
+
+    def _next_locked(self, w: Worker) -> tuple[WorkItem | None, bool]:
+        """Worker ``w`` is free: the next queued call for it, or whether to stop it."""
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                self._assign_locked(w, item)
+                return item, False
+        if self._state is _State.OPEN:
+            self._idle.append(w)
+            return None, False
+        self._stop_locked(w)
+        return None, True
+
+    def _stop_locked(self, w: Worker) -> None:
+        w.stopping = True
+        self._stopped.append(w)
+
+    # ------------------------------------------------------------------ worker reports
+    def worker_ready(self, w: Worker) -> None:
+        """``w`` started and can take calls (called by the backend, any thread)."""
+        with self._lock:
+            if w not in self._all or w.stopping:
+                return
+            w.ready = True
+            self._ready += 1
+            self._start_failures = 0
+            self._start_error = None
+            item, stop = self._next_locked(w)
+            self._changed.notify_all()
+        if stop:
+            w.stop()
+        elif item is not None:
+            self._run(w, item)
+
+    def call_done(
+        self,
+        w: Worker,
+        item: WorkItem,
+        result: Any = None,
+        exc: BaseException | None = None,
+        *,
+        retire: bool = False,
+    ) -> None:
+        """``item`` ended on ``w``. ``retire``: ``w`` must take no more calls; it is stopped
+        and replaced at once."""
+        fut = item.future
+        abandoned = fut.done()  # cancelled or timed out earlier: the result is discarded
+        nxt: WorkItem | None = None
+        stop = False
+        starts: list[Worker] = []
+        with self._lock:
+            self._busy -= 1
+            w.item = None
+            if not abandoned:
+                if exc is None:
+                    self._completed += 1
+                    self._lat_compute.add(item.compute_s)
+                    self._lat_transfer.add(item.transfer_s)
+                else:
+                    self._failed += 1
+            if retire and w in self._all:
+                self._all.discard(w)
+                self._ready -= 1
+                self._stop_locked(w)
+                stop = True
+                if self._state is _State.OPEN or self._queue:
+                    starts.append(self._new_worker_locked())
+                    self._restarts += 1
+            elif w in self._all:
+                nxt, stop = self._next_locked(w)
+            self._changed.notify_all()
+        _complete(fut, result, exc)
+        item.release_inputs()
+        del result, exc
+        if stop:
+            w.stop()
+        self._start_workers(starts)
+        if nxt is not None:
+            self._run(w, nxt)
+        self._maybe_closed()
+
+    def worker_lost(
+        self,
+        w: Worker,
+        *,
+        item_error: BaseException | None = None,
+        start_error: BaseException | None = None,
+        reported: bool = True,
+        fatal: bool = False,
+    ) -> None:
+        """``w`` exited. After ``stop`` that is the normal end; otherwise it died: its call
+        fails with ``item_error`` and it is replaced (see the restart policy above).
+        ``start_error``: why it died while starting; ``reported``: the worker said so itself
+        (it will recur: fail waiting calls now) rather than dying silently (a stray kill:
+        retry first); ``fatal``: no worker can ever start."""
+        failed_queue: list[WorkItem] = []
+        starts: list[Worker] = []
+        err: BaseException | None = None
+        with self._lock:
+            if w not in self._all:
+                return
+            self._all.discard(w)
+            if w in self._idle:
+                self._idle.remove(w)
+            was_ready, w.ready = w.ready, False
+            if was_ready:
+                self._ready -= 1
+            item, w.item = w.item, None
+            if item is not None:
+                self._busy -= 1
+                if not item.future.done():
+                    self._failed += 1
+            if not w.stopping and (self._state is _State.OPEN or self._queue):
+                if was_ready:  # died while running or idle: replace at once
+                    starts.append(self._new_worker_locked())
+                    self._restarts += 1
+                else:
+                    self._start_failures += 1
+                    err = start_error or WorkerStartError(
+                        f"a worker of {self.name} died while starting (no traceback: it died "
+                        "before reporting)"
+                    )
+                    if not reported:
+                        _add_note(err, f"{self._start_failures} starts in a row died this way")
+                    if fatal:
+                        self._fatal = err
+                    if (
+                        fatal
+                        or (start_error is not None and reported)
+                        or (self._start_failures >= START_RETRIES)
+                    ):
+                        if not self._ready:
+                            self._start_error = err
+                            failed_queue = [i for i in self._queue if not i.future.done()]
+                            self._failed += len(failed_queue)
+                            self._queue.clear()
+                    if not fatal:
+                        delay = min(BACKOFF_MAX, 0.1 * 2 ** (self._start_failures - 1))
+                        self._timer.call_at(time.monotonic() + delay, self._refill)
+            self._changed.notify_all()
+        if item is not None:
+            _complete(item.future, None, item_error or err or RuntimeError("worker lost"))
+            item.release_inputs()
+        for q in failed_queue:
+            _complete(q.future, None, err)
+        self._start_workers(starts)
+        self._maybe_closed()
+
+    def _refill(self) -> None:
+        """Start workers missing after a back-off (the timer calls it)."""
+        with self._lock:
+            if not (self._state is _State.OPEN or self._queue) or self._fatal is not None:
+                return
+            missing = self.workers - len(self._all)
+            starts = [self._new_worker_locked() for _ in range(missing)]
+            self._restarts += len(starts)
+        self._start_workers(starts)
+
+    # ------------------------------------------------------------------ cancel & deadlines
+    def _on_future_done(self, fut: concurrent.futures.Future[Any]) -> None:
+        if not fut.cancelled():
+            return
+        item = getattr(fut, "_item", None)
+        if item is None:
+            return
+        with self._lock:
+            self._cancelled += 1
+            if not item.started:
+                try:
+                    self._queue.remove(item)
+                except ValueError:
+                    pass
+                self._changed.notify_all()
+                item.release_inputs()
+                return
+            w = item.worker
+        if self.backend.interrupt_on_cancel and w is not None:
+            w.interrupt(item)
+        self._maybe_closed()
+
+    def _expire(self, item: WorkItem) -> None:
+        if item.future.done():
+            return
+        with self._lock:
+            queued = not item.started
+            if queued:
+                try:
+                    self._queue.remove(item)
+                except ValueError:
+                    return
+                self._failed += 1
+                self._changed.notify_all()
+            w = item.worker
+        if not _complete(
+            item.future, None, TimeoutError(f"{item.name} did not finish within its timeout")
+        ):
+            return
+        if queued:
+            item.release_inputs()
+            self._maybe_closed()
+        elif w is not None:
+            w.interrupt(item)
+
+    # ------------------------------------------------------------------ waiting
+    def ready_count(self) -> int:
+        return self._ready
+
+    def startup_error(self) -> BaseException | None:
+        return self._fatal or self._start_error
+
+    def live_workers(self) -> list[Worker]:
+        with self._lock:
+            return list(self._all)
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            return PoolStats(
+                workers=self._ready,
+                busy=self._busy,
+                queued=len(self._queue),
+                completed=self._completed,
+                failed=self._failed,
+                cancelled=self._cancelled,
+                restarts=self._restarts,
+                queue=self._lat_queue.latency(),
+                transfer=self._lat_transfer.latency(),
+                compute=self._lat_compute.latency(),
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def closed(self) -> bool:
+        return self._state is not _State.OPEN
+
+    @property
+    def state(self) -> str:
+        return self._state.value
+
+    def shutdown(self, wait: bool, queued: _Queued) -> None:
+        """Stop taking calls; deal with queued ones as ``queued`` says; stop each worker once
+        it is idle; with ``wait``, return once every worker has exited."""
+        to_stop: list[Worker] = []
+        dropped: list[WorkItem] = []
+        abandoned: list[tuple[Worker, WorkItem]] = []
+        with self._lock:
+            if self._state is _State.OPEN:
+                self._state = _State.CLOSING
+                if queued is not _Queued.RUN:
+                    dropped = list(self._queue)
+                    self._queue.clear()
+                if queued is _Queued.FAIL:  # close(): nobody waits for abandoned calls
+                    abandoned = [
+                        (w, w.item) for w in self._all if w.item and w.item.future.done()
+                    ]
+                if not self._queue:
+                    # idle workers stop now; busy ones when their call ends; starting ones too
+                    to_stop = [w for w in self._all if w.item is None]
+                    self._idle.clear()
+                    for w in to_stop:
+                        self._stop_locked(w)
+                self._changed.notify_all()
+        for item in dropped:
+            if queued is _Queued.CANCEL:
+                item.future.cancel()
+            else:
+                _complete(
+                    item.future, None, PoolClosedError(f"{self.name} closed before the call ran")
+                )
+                item.release_inputs()
+        for w in to_stop:
+            w.stop()
+        for w, item in abandoned:
+            w.interrupt(item)  # where the backend can (a process is killed); else it ends
+        self._maybe_closed()
+        if wait:
+            with self._lock:
+                while self._state is not _State.CLOSED:
+                    self._changed.wait(0.5)
+                stopped, self._stopped = self._stopped, []
+            for w in stopped:
+                w.join(10)
+            self.backend.join(10)
+            self._timer.stop(join=True)
+
+    def _maybe_closed(self) -> None:
+        with self._lock:
+            if self._state is not _State.CLOSING or self._all or self._queue or self._ending:
+                return
+            self._ending = True
+        with _live_lock:
+            _live_cores.discard(self)
+        self._timer.stop(join=False)
+        self.backend.close()  # before CLOSED: whoever waits for CLOSED sees it done
+        with self._lock:
+            self._state = _State.CLOSED
+            self._changed.notify_all()
+
+    def finalize(self) -> None:
+        """The ``Pool`` was garbage-collected without ``close()``: finish queued calls, stop."""
+        self.shutdown(wait=False, queued=_Queued.RUN)
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    add = getattr(exc, "add_note", None)
+    if add is not None:  # Python 3.11+
+        add(note)
+
+
+def _complete(fut: ForwardFuture[Any], result: Any, exc: BaseException | None) -> bool:
+    """Set the outcome unless the future is already done; return whether it was set."""
+    try:
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
+    except concurrent.futures.InvalidStateError:
+        return False
+    fut._item = None  # the future no longer keeps the call's inputs alive
+    return True
+
+
+def _at_exit() -> None:
+    """Interpreter exit: refuse new calls, finish those submitted, stop every worker."""
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    with _live_lock:
+        cores = list(_live_cores)
+    for core in cores:
+        core.shutdown(wait=True, queued=_Queued.RUN)
+
+
+# Like concurrent.futures: run before non-daemon threads are joined and before atexit
+# hooks, so a hook submitting late is refused instead of hanging.
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(_at_exit)
+else:  # pragma: no cover - every CPython we support has it
+    import atexit
+
+    atexit.register(_at_exit)
 
 
 class Pool(concurrent.futures.Executor, abc.ABC):
@@ -133,13 +650,18 @@ class Pool(concurrent.futures.Executor, abc.ABC):
             y = await pool.forward(model, x)
             ya, yb = await pool.run_parallel(m1, m2, x)
 
-    Capacity: at most one call per slot runs; further callers wait in FIFO
+    Lifecycle: constructing a pool starts nothing; workers start on the first
+    ``submit``, ``warmup`` or ``wait_ready``. A pool still open when the
+    interpreter exits, or dropped without ``close()``, finishes the calls
+    already submitted and closes itself quietly.
+
+    Capacity: at most one call per worker runs; further callers wait in FIFO
     order. With ``max_queued=N`` a caller that would be the N+1-th waiting one
     gets :class:`~aioforward.QueueFullError` at once.
 
     Cancellation: a queued call that is cancelled never runs. A running call is
-    released at once; its result is discarded and its slot stays busy until the
-    work ends (a backend that can kill the work, like ``ProcessPool`` with
+    released at once; its result is discarded and its worker stays busy until
+    the work ends (a backend that can kill the work, like ``ProcessPool`` with
     ``kill_on_cancel=True``, does so).
 
     Timeouts: ``timeout=`` counts from submission; when it expires the caller
@@ -153,131 +675,34 @@ class Pool(concurrent.futures.Executor, abc.ABC):
     _kind = "pool"
     workers: int
 
-    def __init__(self, *, max_queued: int | None = None, name: str | None = None) -> None:
-        if max_queued is not None:
-            _check_int("max_queued", max_queued, 0)
-        self._name = name or f"aioforward-{self._kind}"
-        self._max_queued = max_queued
-        self._lock = threading.Lock()
-        self._state = _State.OPEN
-        self._free = 0  # idle slots
-        self._workers = 0  # slots in total (for stats)
-        self._busy = 0
-        self._queue: deque[_WorkItem] = deque()
-        self._seq = itertools.count()
-        self._completed = 0
-        self._failed = 0
-        self._cancelled = 0
-        self._restarts = 0
-        self._lat_queue: deque[float] = deque(maxlen=_RESERVOIR)
-        self._lat_transfer: deque[float] = deque(maxlen=_RESERVOIR)
-        self._lat_compute: deque[float] = deque(maxlen=_RESERVOIR)
-        self._idle = threading.Condition(self._lock)  # notified when busy/queued drop
-        self._timer: threading.Thread | None = None
-        self._deadlines: list[tuple[float, int, _WorkItem]] = []
-        self._timer_cv = threading.Condition(self._lock)
-
-    # ------------------------------------------------------------------ backend hooks
-    @abc.abstractmethod
-    def _dispatch(self, item: _WorkItem) -> None:
-        """Run ``item`` on a reserved slot; call :meth:`_finish` when it ends."""
-
-    def _prepare(self, c: Call) -> Any:
-        """Check/serialise a call before any slot is reserved (runs in ``submit``)."""
-        return None
-
-    def _interrupt(self, item: _WorkItem) -> None:
-        """Stop a running call by force when the backend can (default: it cannot)."""
-
-    @abc.abstractmethod
-    def _shutdown_backend(self, wait: bool) -> None:
-        """Stop the workers (called once, after the queue was drained or failed)."""
-
-    # ------------------------------------------------------------------ slot accounting
-    def _add_slot(self, *, new_worker: bool = False) -> None:
-        """A worker became idle: run the next queued call on it, or keep it free."""
-        with self._lock:
-            if new_worker:
-                self._workers += 1
-            item = self._pop_queued_locked()
-            if item is None:
-                self._free += 1
-                return
-        self._run(item)
-
-    def _remove_slot(self) -> None:
-        """A worker left the pool (not idle, not busy any more)."""
-        with self._lock:
-            self._workers -= 1
-
-    def _pop_queued_locked(self) -> _WorkItem | None:
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.started = True
-                self._busy += 1
-                return item
-        return None
-
-    def _run(self, item: _WorkItem) -> None:
-        item.t_start = time.perf_counter()
-        self._lat_queue.append(item.t_start - item.t_submit)
-        try:
-            self._dispatch(item)
-        except BaseException as exc:  # the backend could not even start it
-            self._finish(item, exc=exc, release=True)
-
-    def _finish(
-        self,
-        item: _WorkItem,
-        result: Any = None,
-        exc: BaseException | None = None,
-        *,
-        release: bool = True,
+    def __init__(
+        self, backend: Backend, *, workers: int, max_queued: int | None, name: str | None
     ) -> None:
-        """The work of ``item`` ended. ``release=False``: its worker is gone, no slot returns."""
-        fut = item.future
-        abandoned = fut.done()  # cancelled or timed out earlier: the result is discarded
-        nxt = None
-        # Account first, complete the future second: a caller woken by the result must
-        # already see the slot returned in stats().
-        with self._lock:
-            self._busy -= 1
-            if exc is None and not abandoned:
-                self._completed += 1
-                self._lat_compute.append(item.compute_s)
-                self._lat_transfer.append(item.transfer_s)
-            elif exc is not None and not abandoned:
-                self._failed += 1
-            if release:
-                nxt = self._pop_queued_locked()
-                if nxt is None:
-                    self._free += 1
-            self._idle.notify_all()
-        try:
-            if exc is None:
-                fut.set_result(result)
-            else:
-                fut.set_exception(exc)
-        except concurrent.futures.InvalidStateError:
-            pass
-        if nxt is not None:
-            self._run(nxt)
+        check_int("max_queued", max_queued, 0, optional=True)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+        self.workers = workers
+        self._name = name or f"aioforward-{self._kind}"
+        self._core = PoolCore(backend, workers=workers, max_queued=max_queued, name=self._name)
+        # Collected without close(): shut the core down (it never refers back to the pool).
+        self._finalizer = weakref.finalize(self, self._core.finalize)
+        self._finalizer.atexit = False  # the exit hook above closes open pools first
+        register_pool(self)
 
     # ------------------------------------------------------------------ submission
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> ForwardFuture[T]:
         """Schedule ``fn(*args, **kwargs)`` now and return its future at once.
 
         ``fn`` is usually an ``nn.Module`` or a :class:`~aioforward.ModuleSpec`
-        (run under ``torch.inference_mode()``); any callable is accepted so the
-        pool works as a ``concurrent.futures.Executor``::
+        (run without autograd); any callable is accepted so the pool works as a
+        ``concurrent.futures.Executor``::
 
             fut = pool.submit(model, x)
             y = await fut            # or fut.result() in sync code
         """
         if not callable(fn) and not isinstance(fn, ModuleSpec):
             raise TypeError(f"fn must be an nn.Module, a ModuleSpec or a callable, got {fn!r}")
-        return self.submit_call(Call(fn, args, kwargs))
+        return self._core.submit(Call(fn, args, kwargs), None)
 
     def submit_call(self, c: Call, *, timeout: float | None = None) -> ForwardFuture[Any]:
         """Schedule a :class:`~aioforward.Call`, optionally with a deadline.
@@ -286,108 +711,9 @@ class Pool(concurrent.futures.Executor, abc.ABC):
 
             fut = pool.submit_call(aioforward.call(model, x), timeout=2.0)
         """
-        _check_timeout(timeout)
-        if self._state is not _State.OPEN:
-            raise PoolClosedError(f"cannot submit to a pool that has been closed ({self._name})")
-        payload = self._prepare(c)
-        fut: ForwardFuture[Any] = ForwardFuture()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        item = _WorkItem(c, fut, deadline, next(self._seq))
-        item.payload = payload
-        fut._item = item
-        run_now = False
-        with self._lock:
-            if self._state is not _State.OPEN:
-                raise PoolClosedError(
-                    f"cannot submit to a pool that has been closed ({self._name})"
-                )
-            if self._free > 0 and not self._queue:
-                self._free -= 1
-                self._busy += 1
-                item.started = True
-                run_now = True
-            else:
-                if self._max_queued is not None and len(self._queue) >= self._max_queued:
-                    raise QueueFullError(
-                        f"{self._name}: {len(self._queue)} calls already queued "
-                        f"(max_queued={self._max_queued}); retry later or raise max_queued"
-                    )
-                self._queue.append(item)
-            if deadline is not None:
-                self._arm_timer_locked(item)
-        fut.add_done_callback(self._on_future_done)
-        if run_now:
-            self._run(item)
-        return fut
-
-    def _on_future_done(self, fut: concurrent.futures.Future[Any]) -> None:
-        if not fut.cancelled():
-            return
-        item = getattr(fut, "_item", None)
-        if item is None:
-            return
-        with self._lock:
-            self._cancelled += 1
-            if not item.started:
-                try:
-                    self._queue.remove(item)
-                except ValueError:
-                    pass
-                self._idle.notify_all()
-                return
-        self._interrupt_on_cancel(item)
-
-    def _interrupt_on_cancel(self, item: _WorkItem) -> None:
-        """A running call was cancelled; backends that opt in kill the work."""
-
-    # ------------------------------------------------------------------ deadlines
-    def _arm_timer_locked(self, item: _WorkItem) -> None:
-        assert item.deadline is not None
-        heapq.heappush(self._deadlines, (item.deadline, item.seq, item))
-        if self._timer is None:
-            self._timer = threading.Thread(
-                target=self._timer_main, name=f"{self._name}-timer", daemon=True
-            )
-            self._timer.start()
-        self._timer_cv.notify()
-
-    def _timer_main(self) -> None:
-        while True:
-            expired: list[_WorkItem] = []
-            with self._lock:
-                while True:
-                    if self._state is _State.CLOSED:
-                        return
-                    now = time.monotonic()
-                    while self._deadlines and self._deadlines[0][0] <= now:
-                        expired.append(heapq.heappop(self._deadlines)[2])
-                    if expired:
-                        break
-                    wait = self._deadlines[0][0] - now if self._deadlines else None
-                    self._timer_cv.wait(wait)
-            for item in expired:
-                self._expire(item)
-
-    def _expire(self, item: _WorkItem) -> None:
-        if item.future.done():
-            return
-        with self._lock:
-            queued = not item.started
-            if queued:
-                try:
-                    self._queue.remove(item)
-                except ValueError:
-                    return
-                self._failed += 1
-                self._idle.notify_all()
-        try:
-            item.future.set_exception(
-                TimeoutError(f"{item.call.name} did not finish within its timeout")
-            )
-        except concurrent.futures.InvalidStateError:
-            return
-        if not queued:
-            self._interrupt(item)
+        if not isinstance(c, Call):
+            raise TypeError(f"submit_call() takes an aioforward.call(...), got {c!r}")
+        return self._core.submit(c, timeout)
 
     # ------------------------------------------------------------------ async API
     async def forward(
@@ -405,7 +731,7 @@ class Pool(concurrent.futures.Executor, abc.ABC):
             logits = await pool.forward(model, input_ids, attention_mask=mask, timeout=5)
         """
         check_module(module, "module")
-        return await self.submit_call(Call(module, args, kwargs), timeout=timeout)
+        return await self._core.submit(Call(module, args, kwargs), timeout)
 
     async def run_parallel(
         self, *modules_and_args: Any, timeout: float | None = None, **kwargs: Any
@@ -428,32 +754,40 @@ class Pool(concurrent.futures.Executor, abc.ABC):
         ordered: bool = True,
         max_in_flight: int | None = None,
     ) -> MapResult[T]:
-        """Run ``fn`` over inputs, at most ``max_in_flight`` at a time; iterate results.
+        """Run ``fn`` over inputs; iterate the results with ``for`` or ``async for``.
 
-        Works with ``async for`` (the loop stays free) and plain ``for`` (like
-        ``Executor.map``). Results come in input order unless ``ordered=False``.
-        Leaving the loop early cancels the calls still in flight::
+        As ``Executor.map``, every input is submitted at once and ``timeout``
+        counts from this call for the whole iteration. With ``max_in_flight``
+        inputs are submitted lazily, at most that many at a time (for long or
+        endless inputs). Results come in input order unless ``ordered=False``.
+        Leaving the loop early, or :meth:`MapResult.close`, cancels the rest::
 
             async for y in pool.map(model, batches, max_in_flight=8):
                 consume(y)
         """
-        if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
-            raise ValueError(f"max_in_flight must be None or an int >= 1, got {max_in_flight!r}")
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
-        _check_timeout(timeout)
-        limit = max_in_flight or max(2, 2 * max(1, self._workers))
-        return MapResult(self, fn, zip(*iterables, strict=False), ordered, limit, timeout)
+        check_int("max_in_flight", max_in_flight, 1, optional=True)
+        check_int("chunksize", chunksize, 1)
+        check_timeout(timeout)
+        core = self._core  # the result refers to the core, never to the pool
+        core._check_open()
+        return MapResult(
+            lambda args: core.submit(Call(fn, args, {}), None),
+            zip(*iterables, strict=False),
+            ordered=ordered,
+            limit=max_in_flight,
+            timeout=timeout,
+        )
 
     async def warmup(self, *modules: torch.nn.Module | ModuleSpec, example: Any = None) -> None:
         """Load modules into every worker ahead of traffic (and run ``example`` once each).
 
-        Waits for the workers first (:meth:`wait_ready`). ``example`` is passed
-        as the single positional argument (a tuple is spread as positional
-        arguments); each worker runs each module once with it, since the calls
-        are submitted while every worker is idle. Without it modules are only
-        loaded where the backend has anything to load (a process pool places
-        the weights in shared memory; workers map them on their first call)::
+        Starts the workers and waits for them first (:meth:`wait_ready`).
+        ``example`` is passed as the single positional argument (a tuple is
+        spread as positional arguments); each worker runs each module once with
+        it, since the calls are submitted while every worker is idle. Without it
+        modules are only loaded where the backend has anything to load (a
+        process pool places the weights in shared memory; workers map them on
+        their first call)::
 
             await pool.warmup(encoder, decoder, example=torch.zeros(1, 16))
         """
@@ -461,107 +795,98 @@ class Pool(concurrent.futures.Executor, abc.ABC):
             check_module(m, f"modules[{i}]")
         await self.wait_ready()
         if example is None:
-            await self._load(modules)
+            self._core.backend.load(modules)
             return
         args = example if isinstance(example, tuple) else (example,)
         futs: list[ForwardFuture[Any]] = []
         labels: list[str] = []
         for m in modules:
-            more = self._warmup_futures(Call(m, args, {}))
-            futs += more
-            labels += [f"raised by warmup of {module_name(m)}"] * len(more)
+            for _ in range(self.workers):
+                futs.append(self._core.submit(Call(m, args, {}), None))
+                labels.append(f"raised by warmup of {module_name(m)}")
         await wait_all(futs, labels)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until every worker has started (immediate where workers start at once).
+        """Start the workers if needed and wait until all of them can take calls.
 
-        Example: ``await pool.wait_ready(timeout=30)``.
+        Raises :class:`~aioforward.WorkerStartError` when they cannot start,
+        :class:`~aioforward.PoolClosedError` on a closed pool and the built-in
+        ``TimeoutError`` after ``timeout`` seconds::
+
+            await pool.wait_ready(timeout=30)
         """
+        check_timeout(timeout)
+        core = self._core
+        core.ensure_started()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while core.ready_count() < self.workers:
+            if (err := core.startup_error()) is not None:
+                raise err
+            if core.closed:
+                raise PoolClosedError(f"{self._name} was closed while starting")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{self._name}: {core.ready_count()} of {self.workers} workers ready "
+                    f"after {timeout} s"
+                )
+            await anyio.sleep(0.005)
 
-    async def _load(self, modules: tuple[torch.nn.Module | ModuleSpec, ...]) -> None:
-        """Load modules without running them: what ``_prepare`` does at a first submit."""
-        for m in modules:
-            self._prepare(Call(m, (), {}))
+    def reload(self, module: torch.nn.Module) -> None:
+        """Ship ``module`` again after it changed in this process (weights or structure).
 
-    def _warmup_futures(self, c: Call) -> list[ForwardFuture[Any]]:
-        """Futures that run ``c`` once on every worker (all idle: each takes one)."""
-        return [self.submit_call(c) for _ in range(self.workers)]
+        Workers that hold a copy (processes, Ray actors) use it until told; after
+        ``reload`` the next call on each worker carries the new version. Threads
+        share the module object itself, so there it does nothing::
+
+            model.load_state_dict(new_weights)
+            pool.reload(model)
+        """
+        import torch
+
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self._core.backend.reload(module)
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the live workers that have a process of their own ([] for threads).
+
+        Example: ``os.kill(pool.worker_pids()[0], signal.SIGKILL)``.
+        """
+        return [w.pid for w in self._core.live_workers() if w.pid is not None]
 
     # ------------------------------------------------------------------ stats & lifecycle
     def stats(self) -> PoolStats:
         """A :class:`PoolStats` snapshot. Example: ``pool.stats().busy``."""
-        with self._lock:
-            return PoolStats(
-                workers=self._workers,
-                busy=self._busy,
-                queued=len(self._queue),
-                completed=self._completed,
-                failed=self._failed,
-                cancelled=self._cancelled,
-                restarts=self._restarts,
-                queue=_quantiles(self._lat_queue),
-                transfer=_quantiles(self._lat_transfer),
-                compute=_quantiles(self._lat_compute),
-            )
+        return self._core.stats()
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._state is not _State.OPEN
+        """True once :meth:`close` or :meth:`shutdown` was called."""
+        return self._core.closed
 
     def close(self) -> None:
         """Stop accepting work, fail queued calls with ``PoolClosedError``, wait for running
         calls, stop the workers. Idempotent. Example: ``pool.close()``."""
-        self.shutdown(wait=True, cancel_futures=True)
+        self._core.shutdown(wait=True, queued=_Queued.FAIL)
+        self._core.backend.release_caller()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """``Executor.shutdown``: with ``cancel_futures`` queued calls fail with
-        ``PoolClosedError``; otherwise they still run before the workers stop."""
-        with self._lock:
-            if self._state is not _State.OPEN:
-                first = False
-            else:
-                first = True
-                self._state = _State.CLOSING
-            dropped: list[_WorkItem] = []
-            if cancel_futures:
-                dropped = list(self._queue)
-                self._queue.clear()
-        for item in dropped:
-            try:
-                item.future.set_exception(
-                    PoolClosedError(f"{self._name} closed before the call ran")
-                )
-            except concurrent.futures.InvalidStateError:
-                pass
-        if not first:
-            if wait:
-                self._wait_closed()
-            return
-        with self._lock:
-            if wait:
-                while self._busy or self._queue:
-                    self._idle.wait(0.1)
-        self._shutdown_backend(wait)
-        with self._lock:
-            self._state = _State.CLOSED
-            self._timer_cv.notify_all()
-            self._idle.notify_all()
-        timer = self._timer
-        if timer is not None and wait:
-            timer.join()
+        """``Executor.shutdown``: stop accepting work; queued calls still run unless
+        ``cancel_futures``, which cancels them; ``wait`` blocks until the workers exit.
 
-    def _wait_closed(self) -> None:
-        with self._lock:
-            while self._state is not _State.CLOSED:
-                self._idle.wait(0.1)
+        Example: ``pool.shutdown(wait=False, cancel_futures=True)``.
+        """
+        self._core.shutdown(wait, _Queued.CANCEL if cancel_futures else _Queued.RUN)
+        if wait:
+            self._core.backend.release_caller()
 
     async def aclose(self) -> None:
         """Close without blocking the event loop (runs :meth:`close` in a thread, shielded).
 
         Example: ``await pool.aclose()``."""
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self.close)
+            await anyio.to_thread.run_sync(self._core.shutdown, True, _Queued.FAIL)
+        self._core.backend.release_caller()
 
     async def __aenter__(self: _P) -> _P:
         return self
@@ -572,33 +897,18 @@ class Pool(concurrent.futures.Executor, abc.ABC):
     def __repr__(self) -> str:
         s = self.stats()
         return (
-            f"<{type(self).__name__} {self._name!r} {self._state.value} workers={s.workers} "
-            f"busy={s.busy} queued={s.queued}>"
+            f"<{type(self).__name__} {self._name!r} {self._core.state} workers={s.workers}/"
+            f"{self.workers} busy={s.busy} queued={s.queued}>"
         )
 
 
 _P = TypeVar("_P", bound=Pool)
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is an int >= ``low`` (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-def _check_number(name: str, value: object, what: str = "a number") -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is a real number >= 0 (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{name} must be {what} >= 0, got {value!r}")
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and (not isinstance(timeout, int | float) or not timeout >= 0):
-        raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
-
-
 def parse_parallel(items: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Call]:
     """Split ``run_parallel``'s arguments into one :class:`Call` per module."""
+    import torch
+
     if not items:
         raise TypeError("run_parallel() needs at least one module (or aioforward.call(...))")
     if isinstance(items[0], Call):
@@ -620,114 +930,25 @@ def parse_parallel(items: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Call]
     if n == 0:
         check_module(items[0], "run_parallel()'s first argument")
     args = items[n:]
+    for i, a in enumerate(args, start=n):
+        if isinstance(a, Call):
+            raise TypeError(
+                f"run_parallel(): argument {i} is aioforward.call({a.name}, ...) after plain "
+                "modules; pass either modules followed by their shared arguments, or one "
+                "aioforward.call(...) per module"
+            )
     return [call(m, *args, **kwargs) for m in items[:n]]
 
 
 async def run_calls(pool: Pool, calls: list[Call], timeout: float | None) -> tuple[Any, ...]:
-    futures = [pool.submit_call(c, timeout=timeout) for c in calls]
+    """Submit every call, then wait for all; a failed submit cancels those already submitted."""
+    futures: list[ForwardFuture[Any]] = []
+    try:
+        for c in calls:
+            futures.append(pool.submit_call(c, timeout=timeout))  # noqa: PERF401
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
     labels = [f"raised by module {i} ({c.name}) in run_parallel" for i, c in enumerate(calls)]
     return tuple(await wait_all(futures, labels))
-
-
-class MapResult(Iterator[T], AsyncIterator[T]):
-    """Results of :meth:`Pool.map`, iterable with ``for`` and ``async for``."""
-
-    def __init__(
-        self,
-        pool: Pool,
-        fn: Callable[..., T],
-        inputs: Iterator[tuple[Any, ...]],
-        ordered: bool,
-        limit: int,
-        timeout: float | None,
-    ) -> None:
-        self._pool = pool
-        self._fn = fn
-        self._inputs = inputs
-        self._ordered = ordered
-        self._limit = limit
-        self._timeout = timeout
-        self._inflight: deque[ForwardFuture[T]] = deque()
-        self._done: deque[ForwardFuture[T]] = deque()
-        self._lock = threading.Lock()
-        self._wake: Callable[[], None] | None = None
-        self._exhausted = False
-
-    def _top_up(self) -> None:
-        while not self._exhausted and len(self._inflight) < self._limit:
-            try:
-                args = next(self._inputs)
-            except StopIteration:
-                self._exhausted = True
-                return
-            fut = self._pool.submit_call(Call(self._fn, args, {}), timeout=self._timeout)
-            self._inflight.append(fut)
-            if not self._ordered:
-                fut.add_done_callback(self._on_done)
-
-    def _on_done(self, fut: concurrent.futures.Future[Any]) -> None:
-        with self._lock:
-            self._done.append(fut)  # type: ignore[arg-type]
-            wake, self._wake = self._wake, None
-        if wake is not None:
-            wake()
-
-    def _take(self) -> ForwardFuture[T] | None:
-        """The next finished future (unordered mode), or None."""
-        with self._lock:
-            if self._done:
-                fut = self._done.popleft()
-                self._inflight.remove(fut)
-                return fut
-        return None
-
-    def __iter__(self) -> MapResult[T]:
-        return self
-
-    def __next__(self) -> T:
-        self._top_up()
-        if not self._inflight:
-            raise StopIteration
-        try:
-            if self._ordered:
-                fut = self._inflight.popleft()
-            else:
-                concurrent.futures.wait(self._inflight, return_when="FIRST_COMPLETED")
-                fut = self._take()  # type: ignore[assignment]
-            return fut.result()
-        except BaseException:
-            self.cancel()
-            raise
-
-    def __aiter__(self) -> MapResult[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        self._top_up()
-        if not self._inflight:
-            raise StopAsyncIteration
-        try:
-            if self._ordered:
-                return await self._inflight.popleft()
-            while (fut := self._take()) is None:
-                wake, wait = _waker()
-                with self._lock:
-                    ready = bool(self._done)
-                    if not ready:
-                        self._wake = wake
-                if not ready:
-                    await wait()
-            return await fut
-        except BaseException:
-            self.cancel()
-            raise
-
-    def cancel(self) -> None:
-        """Cancel every call still in flight and stop submitting new ones."""
-        self._exhausted = True
-        for fut in self._inflight:
-            fut.cancel()
-        self._inflight.clear()
-
-    async def aclose(self) -> None:
-        self.cancel()

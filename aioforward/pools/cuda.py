@@ -6,7 +6,7 @@ Data flow::
        │
        └─SimpleQueue──> launch thread: module's stream waits for that event
                           CPU inputs -> pinned -> device (non_blocking, on the stream)
-                          module(*args) launched on the stream (inference_mode)
+                          module(*args) launched on the stream (no_grad)
                           outputs -> pinned CPU (non_blocking) when to_cpu=True
                           done-event recorded; event.synchronize() sleeps in the
                           driver (a blocking event: no core spins) until the GPU is done
@@ -35,10 +35,10 @@ import torch
 from .._call import Call, module_name
 from .._tree import flatten, unflatten
 from ..errors import DeviceError
-from .thread import ThreadPool
+from .thread import ThreadBackend, ThreadPool
 
 if TYPE_CHECKING:
-    from ._base import _WorkItem
+    from ._worker import WorkItem
 
 __all__ = ["CudaStreamPool", "cuda_unavailable_reason"]
 
@@ -111,14 +111,25 @@ class CudaStreamPool(ThreadPool):
             )
         self.device = dev
         self.to_cpu = bool(to_cpu)
+        super().__init__(workers, threads_per_worker=0, max_queued=max_queued, name=name)
+
+    def _backend(self, name: str) -> ThreadBackend:
+        return CudaBackend(name, self.device, self.to_cpu)
+
+
+class CudaBackend(ThreadBackend):
+    """Launch threads that run each module on its own CUDA stream."""
+
+    def __init__(self, name: str, device: torch.device, to_cpu: bool) -> None:
+        super().__init__(name, threads_per_worker=0, grad=False)
+        self.device = device
+        self.to_cpu = to_cpu
         self._streams: weakref.WeakKeyDictionary[torch.nn.Module, torch.cuda.Stream] = (
             weakref.WeakKeyDictionary()
         )
         self._placed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-        super().__init__(workers, threads_per_worker=0, max_queued=max_queued, name=name)
 
-    # ------------------------------------------------------------------ hooks
-    def _prepare(self, c: Call) -> Any:
+    def prepare(self, c: Call) -> Any:
         """Check devices in the caller's thread; mark where its inputs are ready."""
         module = c.module
         if isinstance(module, torch.nn.Module) and module not in self._placed:
@@ -145,25 +156,25 @@ class CudaStreamPool(ThreadPool):
             ready.record(torch.cuda.current_stream(self.device))
         return ready, leaves, spec
 
-    def _place(self, module: torch.nn.Module) -> torch.nn.Module:
+    def place(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(self.device)
 
-    def _stream(self, module: torch.nn.Module) -> torch.cuda.Stream:
+    def stream(self, module: torch.nn.Module) -> torch.cuda.Stream:
         with self._spec_lock:
             stream = self._streams.get(module)
             if stream is None:
                 stream = self._streams[module] = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
             return stream
 
-    def _forward(self, item: _WorkItem, module: torch.nn.Module) -> Any:
+    def forward(self, item: WorkItem, module: torch.nn.Module) -> Any:
         ready, leaves, spec = item.payload
-        stream = self._stream(module)
+        stream = self.stream(module)
         with torch.cuda.device(self.device):
             if ready is not None:
                 stream.wait_event(ready)  # the caller's kernels producing the inputs
             with torch.cuda.stream(stream):
-                args, kwargs = unflatten(spec, iter([self._upload(v, stream) for v in leaves]))
-                with torch.inference_mode():
+                args, kwargs = unflatten(spec, iter([self.upload(v, stream) for v in leaves]))
+                with torch.no_grad():  # results behave like a direct call's
                     out = module(*args, **kwargs)
                     out_leaves, out_spec = flatten(out)
                     if self.to_cpu:
@@ -173,13 +184,12 @@ class CudaStreamPool(ThreadPool):
                 done.record(stream)
             done.synchronize()
             consumer = torch.cuda.default_stream(self.device)
-            with torch.inference_mode():  # record_stream counts as an in-place op on them
-                for v in out_leaves:
-                    if isinstance(v, torch.Tensor) and v.device.type == "cuda":
-                        v.record_stream(consumer)
+            for v in out_leaves:
+                if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+                    v.record_stream(consumer)
         return unflatten(out_spec, iter(out_leaves))
 
-    def _upload(self, value: Any, stream: torch.cuda.Stream) -> Any:
+    def upload(self, value: Any, stream: torch.cuda.Stream) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         if value.device.type == "cuda":

@@ -4,17 +4,18 @@ Data flow::
 
     submit() ── module put once in Ray's object store (ObjectRef kept per module)
        │
-       └─> idle actor: actor.forward.remote(key, [module_ref], args, kwargs) -> ObjectRef
+       └─> the core reserves an idle actor:
+             actor.forward.remote(key, [module_ref], args, kwargs) -> ObjectRef
              the actor fetches and keeps the module on its first call with that key,
-             runs it under inference_mode, returns ("ok", out) or the exception
-       ForwardFuture <── ObjectRef.future() done-callback ─┘
+             runs it without autograd, returns ("ok", out) or the encoded exception
+       ForwardFuture <── ObjectRef.future() done-callback ── core.call_done ─┘
 
 The module's ObjectRef travels inside a list, so Ray does not fetch and
 unpickle the module on every call: the actor does it once per module. Ray is
 an optional dependency (``pip install 'aioforward[ray]'``), imported when a
-``RayPool`` is created. Capacity, FIFO queueing, timeouts, cancellation and
-stats come from the base :class:`~aioforward.Pool`: one call per actor at a time.
-A dead actor fails only its own call (``WorkerCrashedError``) and is replaced;
+``RayPool`` is created. Capacity, FIFO queueing, timeouts, cancellation,
+restarts and stats come from the pool's core: one call per actor at a time. A
+dead actor fails only its own call (``WorkerCrashedError``) and is replaced;
 ``timeout=`` kills the overrunning actor and replaces it.
 """
 
@@ -26,19 +27,19 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import torch
 
 from .._call import Call, ModuleSpec
-from ..errors import PoolClosedError, SerializationError, WorkerCrashedError
-from ._base import Pool, _check_int, _check_number
-from .process._pool import _rebuild_exception
-from .process._worker import _exception_message
+from .._validate import check_int, check_number
+from ..errors import EncodedException, SerializationError, WorkerCrashedError, encode_exception
+from ._base import Backend, Pool
+from ._worker import Worker
 
 if TYPE_CHECKING:
     import concurrent.futures
 
-    from ._base import _WorkItem
+    from ._base import PoolCore
+    from ._worker import WorkItem
 
 __all__ = ["RayPool"]
 
@@ -54,7 +55,9 @@ class _Actor:
     def pid(self) -> int:
         return os.getpid()
 
-    def forward(self, key: int, box: list[Any] | None, args: Any, kwargs: Any) -> tuple[Any, ...]:
+    def forward(
+        self, key: int, box: list[Any] | None, args: Any, kwargs: Any
+    ) -> tuple[str, Any, float] | EncodedException:
         try:
             module = self.modules.get(key)
             if module is None:
@@ -66,23 +69,144 @@ class _Actor:
                 module = obj.build() if isinstance(obj, ModuleSpec) else obj
                 self.modules[key] = module
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.no_grad():
                 out = module(*args, **kwargs)
             return ("ok", out, time.perf_counter() - t0)
         except BaseException as exc:
-            return _exception_message(exc)
+            return encode_exception(exc)
 
     def forget(self, key: int) -> None:
         self.modules.pop(key, None)
 
 
-class _Worker:
-    __slots__ = ("handle", "modules", "pid")
+class _RayWorker(Worker):
+    """One actor."""
 
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-        self.pid: int | None = None
+    def __init__(self, backend: _RayBackend, core: PoolCore) -> None:
+        super().__init__()
+        self._backend = backend
+        self._core = core
+        self.handle: Any = None
         self.modules: set[int] = set()  # keys this actor is known to hold
+
+    def start(self) -> None:
+        self.handle = self._backend.actor_cls.remote(self._backend.threads)
+        self.handle.pid.remote().future().add_done_callback(self._started)
+
+    def _started(self, f: concurrent.futures.Future[Any]) -> None:
+        if f.cancelled() or f.exception() is not None:
+            err = f.exception() if not f.cancelled() else None
+            why = f"{type(err).__name__}: {err}" if err else "cancelled"
+            from ..errors import WorkerStartError
+
+            self._core.worker_lost(
+                self, start_error=WorkerStartError(f"a Ray actor could not start: {why}")
+            )
+            return
+        self.pid = f.result()
+        self._core.worker_ready(self)
+
+    def run(self, item: WorkItem) -> None:
+        key, ref = item.payload
+        c = item.call
+        # Send the module's ObjectRef only until the actor holds it: a ref inside the
+        # arguments makes the actor a borrower, which costs Ray messages on every call.
+        box = None if key in self.modules else [ref]
+        out = self.handle.forward.remote(key, box, c.args, c.kwargs)
+        out.future().add_done_callback(lambda f: self._done(item, key, f))
+
+    def _done(self, item: WorkItem, key: int, f: concurrent.futures.Future[Any]) -> None:
+        ray = self._backend.ray
+        try:
+            msg = f.result()
+        except ray.exceptions.RayActorError as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            err = WorkerCrashedError(
+                f"Ray actor (pid {self.pid}) running {item.name} died: {why}",
+                module=item.name,
+                pid=self.pid or 0,
+                exitcode=None,
+            )
+            self._core.worker_lost(self, item_error=err)
+            return
+        except BaseException as e:  # the call never ran: arguments Ray could not move
+            exc = SerializationError(f"Ray could not run {item.name}: {e}")
+            exc.__cause__ = e
+            self._core.call_done(self, item, exc=exc)
+            return
+        if isinstance(msg, EncodedException):
+            self._core.call_done(self, item, exc=msg.rebuild())
+            return
+        item.compute_s = msg[2]
+        self.modules.add(key)
+        self._core.call_done(self, item, msg[1])
+
+    def interrupt(self, item: WorkItem) -> bool:
+        # The deadline passed: kill the actor; _done reports it lost once Ray confirms.
+        if self.item is item:
+            self._backend.ray.kill(self.handle, no_restart=True)
+            return True
+        return False
+
+    def stop(self) -> None:
+        # Dropping the last handle makes Ray end the actor. (ray.kill() here could run in
+        # one of Ray's own callback threads, where it deadlocks.)
+        self.handle = None
+        self._core.worker_lost(self)
+
+
+class _RayBackend(Backend):
+    def __init__(self, ray: Any, actor_cls: Any, threads: int, owns_ray: bool) -> None:
+        self.ray = ray
+        self.actor_cls = actor_cls
+        self.threads = threads
+        self.owns_ray = owns_ray
+        self._lock = threading.Lock()
+        self._refs: dict[int, tuple[Any, int, Any]] = {}  # id(module) -> (weakref, key, ref)
+        self._keys = iter(range(1, 2**62))
+        self._core: PoolCore | None = None
+
+    def new_worker(self, core: PoolCore) -> Worker:
+        self._core = core
+        return _RayWorker(self, core)
+
+    def prepare(self, c: Call) -> Any:
+        module = c.module
+        with self._lock:
+            hit = self._refs.get(id(module))
+            if hit is not None and hit[0]() is module:
+                return hit[1], hit[2]
+        try:
+            ref = self.ray.put(module)
+        except Exception as exc:
+            raise SerializationError(
+                f"{c.name} could not be put in Ray's object store: {type(exc).__name__}: "
+                f"{exc}; build it inside the workers with aioforward.ModuleSpec(factory, ...)"
+            ) from exc
+        key = next(self._keys)
+        with self._lock:
+            self._refs[id(module)] = (weakref.ref(module), key, ref)
+        return key, ref
+
+    def reload(self, module: torch.nn.Module) -> None:
+        with self._lock:
+            hit = self._refs.pop(id(module), None)
+        if hit is None or self._core is None:
+            return
+        for w in self._core.live_workers():
+            assert isinstance(w, _RayWorker)
+            if hit[1] in w.modules and w.handle is not None:
+                w.modules.discard(hit[1])
+                w.handle.forget.remote(hit[1])
+
+    def close(self) -> None:
+        with self._lock:
+            self._refs.clear()
+
+    def join(self, timeout: float | None) -> None:
+        # Here, in the thread that closed the pool: close() may run in a Ray callback thread.
+        if self.owns_ray and self.ray.is_initialized():
+            self.ray.shutdown()
 
 
 class RayPool(Pool):
@@ -107,6 +231,8 @@ class RayPool(Pool):
         max_queued: waiting calls allowed before ``QueueFullError``.
         init_kwargs: passed to ``ray.init`` when the pool starts Ray.
 
+    Ray is joined (or started) when the pool is constructed, so that an
+    impossible placement fails at once; the actors start on first use.
     Modules are put in Ray's object store once (on their first call) and kept
     by each actor after its first call with them; :meth:`reload` ships a
     changed module again. Exceptions keep their type with the actor's
@@ -127,164 +253,38 @@ class RayPool(Pool):
         name: str | None = None,
         init_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        _check_int("workers", workers, 1)
-        _check_number("num_cpus_per_worker", num_cpus_per_worker)
-        _check_number("num_gpus_per_worker", num_gpus_per_worker)
+        check_int("workers", workers, 1)
+        check_number("num_cpus_per_worker", num_cpus_per_worker)
+        check_number("num_gpus_per_worker", num_gpus_per_worker)
         if threads_per_worker is None:
             threads_per_worker = max(1, int(num_cpus_per_worker))
-        _check_int("threads_per_worker", threads_per_worker, 0)
+        check_int("threads_per_worker", threads_per_worker, 0)
+        if address is not None and not isinstance(address, str):
+            raise TypeError(f"address must be a str or None, got {address!r}")
+        if init_kwargs is not None and not isinstance(init_kwargs, dict):
+            raise TypeError(f"init_kwargs must be a dict or None, got {init_kwargs!r}")
+        check_int("max_queued", max_queued, 0, optional=True)
         try:
             import ray
         except ImportError as exc:
             raise ImportError(
                 "RayPool needs Ray: pip install 'aioforward[ray]' (or pip install ray)"
             ) from exc
-        self._ray = ray
-        self._owns_ray = False
+        owns_ray = False
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False, **(init_kwargs or {})}
             ray.init(address=address, **kwargs)
-            self._owns_ray = True
+            owns_ray = True
         total = ray.cluster_resources()  # type: ignore[no-untyped-call]
         for res, each in (("CPU", num_cpus_per_worker), ("GPU", num_gpus_per_worker)):
             if each and total.get(res, 0) < workers * each:
-                if self._owns_ray:
+                if owns_ray:
                     ray.shutdown()
                 raise ValueError(
                     f"workers={workers} x num_{res.lower()}s_per_worker={each} needs "
                     f"{workers * each:g} {res}s but the Ray cluster has {total.get(res, 0):g}: "
                     "Ray would wait forever to place the actors"
                 )
-        super().__init__(max_queued=max_queued, name=name)
-        self.workers = workers
-        self._actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(
-            _Actor
-        )
-        self._threads = threads_per_worker
-        self._alock = threading.Lock()
-        self._idle_actors: list[_Worker] = []
-        self._live: set[_Worker] = set()
-        self._refs: dict[int, tuple[Any, int, Any]] = {}  # id(module) -> (weakref, key, ref)
-        self._keys = iter(range(1, 2**62))
-        for _ in range(workers):
-            self._idle_actors.append(self._start_actor())
-            self._add_slot(new_worker=True)
-
-    def _start_actor(self) -> _Worker:
-        w = _Worker(self._actor_cls.remote(self._threads))
-        self._live.add(w)
-
-        def got_pid(f: concurrent.futures.Future[Any]) -> None:
-            if not f.cancelled() and f.exception() is None:
-                w.pid = f.result()
-
-        w.handle.pid.remote().future().add_done_callback(got_pid)
-        return w
-
-    # ------------------------------------------------------------------ hooks
-    def _prepare(self, c: Call) -> Any:
-        module = c.module
-        with self._alock:
-            hit = self._refs.get(id(module))
-            if hit is not None and hit[0]() is module:
-                return hit[1], hit[2]
-        try:
-            ref = self._ray.put(module)
-        except Exception as exc:
-            raise SerializationError(
-                f"{c.name} could not be put in Ray's object store: {type(exc).__name__}: "
-                f"{exc}; build it inside the workers with aioforward.ModuleSpec(factory, ...)"
-            ) from exc
-        key = next(self._keys)
-        with self._alock:
-            self._refs[id(module)] = (weakref.ref(module), key, ref)
-        return key, ref
-
-    def _dispatch(self, item: _WorkItem) -> None:
-        with self._alock:
-            if not self._idle_actors:  # only while closing: the dead actor was not replaced
-                raise PoolClosedError(f"{self._name} closed before the call ran")
-            w = self._idle_actors.pop()
-        item.worker = w
-        key, ref = item.payload
-        c = item.call
-        # Send the module's ObjectRef only until the actor holds it: a ref inside the
-        # arguments makes the actor a borrower, which costs Ray messages on every call.
-        box = None if key in w.modules else [ref]
-        out = w.handle.forward.remote(key, box, c.args, c.kwargs)
-        out.future().add_done_callback(lambda f: self._on_done(item, w, f))
-
-    def _on_done(self, item: _WorkItem, w: _Worker, f: concurrent.futures.Future[Any]) -> None:
-        exc: BaseException | None = None
-        result: Any = None
-        try:
-            msg = f.result()
-        except self._ray.exceptions.RayActorError as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            exc = WorkerCrashedError(
-                f"Ray actor (pid {w.pid}) running {item.call.name} died: {why}",
-                module=item.call.name,
-                pid=w.pid or 0,
-                exitcode=None,
-            )
-            with self._alock:
-                self._live.discard(w)
-                if not self.closed:
-                    w = self._start_actor()  # the replacement takes the slot
-            with self._lock:
-                self._restarts += 1
-        except BaseException as e:  # the call never ran: arguments Ray could not move
-            exc = SerializationError(f"Ray could not run {item.call.name}: {e}")
-            exc.__cause__ = e
-        else:
-            if msg[0] == "ok":
-                result, item.compute_s = msg[1], msg[2]
-                w.modules.add(item.payload[0])
-            else:
-                exc = _rebuild_exception(msg)
-        with self._alock:
-            if w in self._live:
-                self._idle_actors.append(w)
-        self._finish(item, result, exc)
-
-    def _interrupt(self, item: _WorkItem) -> None:
-        # The deadline passed: kill the actor; _on_done replaces it once Ray confirms.
-        self._ray.kill(item.worker.handle, no_restart=True)
-
-    def reload(self, module: torch.nn.Module) -> None:
-        """Ship ``module`` again on its next call (after changing its weights in place).
-
-        Example: ``model.load_state_dict(new); pool.reload(model)``.
-        """
-        with self._alock:
-            hit = self._refs.pop(id(module), None)
-        if hit is not None:
-            with self._alock:
-                actors = list(self._live)
-            for w in actors:
-                w.modules.discard(hit[1])
-                w.handle.forget.remote(hit[1])
-
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until every actor is up (Ray places and starts them lazily).
-
-        Example: ``await pool.wait_ready(timeout=60)``.
-        """
-        with anyio.fail_after(timeout):
-            while len(self.worker_pids()) < self.workers:
-                await anyio.sleep(0.02)
-
-    def worker_pids(self) -> list[int]:
-        """Pids of the actors' processes (those known so far). Example: ``pool.worker_pids()``."""
-        with self._alock:
-            return [w.pid for w in self._live if w.pid is not None]
-
-    def _shutdown_backend(self, wait: bool) -> None:
-        with self._alock:
-            actors, self._idle_actors = list(self._live), []
-            self._live.clear()
-            self._refs.clear()
-        for w in actors:
-            self._ray.kill(w.handle, no_restart=True)
-        if self._owns_ray:
-            self._ray.shutdown()
+        actor_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(_Actor)
+        backend = _RayBackend(ray, actor_cls, threads_per_worker, owns_ray)
+        super().__init__(backend, workers=workers, max_queued=max_queued, name=name)

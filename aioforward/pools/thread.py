@@ -12,29 +12,163 @@ torch alone).
 
 Data flow::
 
-    submit() --SimpleQueue--> worker thread: module(*args) under inference_mode
+    submit() --> the core reserves an idle worker --inbox--> its thread:
+                 module(*args) under torch.no_grad()
        ^                                  |
-       '-- ForwardFuture <-- set_result --'  (the awaiting loop is woken thread-safely)
+       '-- ForwardFuture <-- call_done ---'  (the awaiting loop is woken thread-safely)
+
+Each thread has its own inbox: the core hands a call only to a worker it
+reserved, and a stop signal only to an idle one, so no call is ever stranded
+behind a stop signal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._call import ModuleSpec
 from .._cpus import usable_cpus
-from ._base import Pool, _check_int, _WorkItem
+from .._validate import check_bool, check_int
+from ._base import Backend, Pool
+from ._worker import Worker, WorkItem
+
+if TYPE_CHECKING:
+    from ._base import PoolCore
 
 __all__ = ["ThreadPool"]
 
 _torch_threads_lock = threading.Lock()
-_torch_threads_owners: list[tuple[Pool, int]] = []  # (pool, value to restore)
+_torch_threads_owners: list[tuple[object, int]] = []  # (owner, value to restore)
+
+
+class _ThreadWorker(Worker):
+    """One persistent thread with its own inbox."""
+
+    def __init__(self, core: PoolCore, backend: ThreadBackend, name: str) -> None:
+        super().__init__()
+        self._inbox: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=_thread_main, args=(core, backend, self, self._inbox), name=name, daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def run(self, item: WorkItem) -> None:
+        self._inbox.put(item)
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+
+    def join(self, timeout: float | None) -> None:
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+
+def _thread_main(
+    core: PoolCore,
+    backend: ThreadBackend,
+    w: _ThreadWorker,
+    inbox: queue.SimpleQueue[WorkItem | None],
+) -> None:
+    backend.thread_setup()
+    core.worker_ready(w)
+    while (item := inbox.get()) is not None:
+        if item.future.done():  # cancelled or timed out between reservation and start
+            core.call_done(w, item)
+            continue
+        t0 = time.perf_counter()
+        try:
+            out = backend.execute(item)
+        except BaseException as exc:
+            item.compute_s = time.perf_counter() - t0
+            core.call_done(w, item, exc=exc)
+            del exc
+        else:
+            item.compute_s = time.perf_counter() - t0
+            core.call_done(w, item, out)
+            del out  # the thread must not keep the last result alive until its next call
+        del item
+    core.worker_lost(w)
+
+
+class ThreadBackend(Backend):
+    """Runs calls in this process; shared by the ThreadPool's workers (and CUDA's)."""
+
+    def __init__(self, name: str, threads_per_worker: int, grad: bool) -> None:
+        self.name = name
+        self.threads_per_worker = threads_per_worker
+        self.grad = grad
+        self._ids = itertools.count()
+        self._specs: dict[int, tuple[ModuleSpec, torch.nn.Module]] = {}
+        self._spec_lock = threading.Lock()
+        self._owner = object()  # the key of our claim on torch's thread count
+        self._restore: int | None = None  # the count to restore in the closing thread
+
+    def new_worker(self, core: PoolCore) -> Worker:
+        return _ThreadWorker(core, self, f"{self.name}-{next(self._ids)}")
+
+    def open(self, core: PoolCore) -> None:
+        if self.threads_per_worker:
+            claim_torch_threads(self._owner, self.threads_per_worker)
+
+    def close(self) -> None:
+        with self._spec_lock:
+            self._specs.clear()
+        self._restore = release_torch_threads(self._owner)  # however the pool was closed
+
+    def release_caller(self) -> None:
+        apply_torch_threads(self._restore)
+        self._restore = None
+
+    def thread_setup(self) -> None:
+        if self.threads_per_worker:
+            # OpenMP's thread count is a per-thread setting that new threads
+            # inherit from the environment, not from the main thread's
+            # torch.set_num_threads: set it here or every call oversubscribes.
+            torch.set_num_threads(self.threads_per_worker)
+
+    def execute(self, item: WorkItem) -> Any:
+        c = item.call
+        fn = c.module
+        if isinstance(fn, ModuleSpec):
+            fn = self.build(fn)
+        if isinstance(fn, torch.nn.Module):
+            return self.forward(item, fn)
+        return fn(*c.args, **c.kwargs)
+
+    def forward(self, item: WorkItem, module: torch.nn.Module) -> Any:
+        """One forward pass in a worker thread (the CUDA pool adds streams).
+
+        ``no_grad`` rather than ``inference_mode``: results must behave like a direct
+        call's, and inference tensors refuse in-place use outside inference mode."""
+        c = item.call
+        with torch.enable_grad() if self.grad else torch.no_grad():
+            return module(*c.args, **c.kwargs)
+
+    def place(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Where a module built from a ModuleSpec goes (here: where it was built)."""
+        return module
+
+    def build(self, spec: ModuleSpec) -> torch.nn.Module:
+        with self._spec_lock:
+            hit = self._specs.get(id(spec))
+            if hit is None or hit[0] is not spec:
+                hit = (spec, self.place(spec.build()))
+                self._specs[id(spec)] = hit
+            return hit[1]
+
+    def load(self, modules: tuple[torch.nn.Module | ModuleSpec, ...]) -> None:
+        for m in modules:
+            if isinstance(m, ModuleSpec):
+                self.build(m)
 
 
 class ThreadPool(Pool):
@@ -57,8 +191,9 @@ class ThreadPool(Pool):
         threads_per_worker: torch intra-op threads per call; the pool sets
             torch's process-wide count to it while open (default: usable CPUs //
             workers, at least 1; ``0`` leaves torch's setting untouched).
-        grad: run with autograd enabled instead of ``torch.inference_mode()``.
+        grad: run with autograd enabled instead of ``torch.no_grad()``.
         max_queued: waiting calls allowed before ``QueueFullError`` (default: no limit).
+        name: the prefix of the threads' names.
     """
 
     _kind = "thread"
@@ -73,112 +208,53 @@ class ThreadPool(Pool):
         name: str | None = None,
     ) -> None:
         cpus = usable_cpus()
-        if workers is None:
-            workers = cpus
-        _check_int("workers", workers, 1)
+        workers = cpus if workers is None else workers
+        check_int("workers", workers, 1)
         if threads_per_worker is None:
             threads_per_worker = max(1, cpus // workers)
-        _check_int("threads_per_worker", threads_per_worker, 0)
-        super().__init__(max_queued=max_queued, name=name)
-        self.workers = workers
+        check_int("threads_per_worker", threads_per_worker, 0)
+        check_bool("grad", grad)
         self.threads_per_worker = threads_per_worker
-        self.grad = bool(grad)
-        self._q: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
-        self._specs: dict[int, tuple[ModuleSpec, torch.nn.Module]] = {}
-        self._spec_lock = threading.Lock()
-        if threads_per_worker:
-            _claim_torch_threads(self, threads_per_worker)
-        self._threads = [
-            threading.Thread(target=self._worker_main, name=f"{self._name}-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for t in self._threads:
-            t.start()
-            self._add_slot(new_worker=True)
+        self.grad = grad
+        name = name or f"aioforward-{self._kind}"
+        super().__init__(self._backend(name), workers=workers, max_queued=max_queued, name=name)
 
-    def _dispatch(self, item: _WorkItem) -> None:
-        self._q.put(item)
-
-    def _shutdown_backend(self, wait: bool) -> None:
-        for _ in self._threads:
-            self._q.put(None)
-        if wait:
-            for t in self._threads:
-                t.join()
-        if self.threads_per_worker:
-            _release_torch_threads(self)
-
-    def _worker_main(self) -> None:
-        if self.threads_per_worker:
-            # OpenMP's thread count is a per-thread setting that new threads
-            # inherit from the environment, not from the main thread's
-            # torch.set_num_threads: set it here or every call oversubscribes.
-            torch.set_num_threads(self.threads_per_worker)
-        q = self._q
-        while (item := q.get()) is not None:
-            if item.future.done():  # cancelled or timed out between dispatch and start
-                self._finish(item)
-                continue
-            c = item.call
-            t0 = time.perf_counter()
-            try:
-                fn = c.module
-                if isinstance(fn, ModuleSpec):
-                    fn = self._build(fn)
-                if isinstance(fn, torch.nn.Module):
-                    out = self._forward(item, fn)
-                else:
-                    out = fn(*c.args, **c.kwargs)
-            except BaseException as exc:
-                item.compute_s = time.perf_counter() - t0
-                self._finish(item, exc=exc)
-                del exc
-            else:
-                item.compute_s = time.perf_counter() - t0
-                self._finish(item, out)
-            del item, c, fn
-
-    def _forward(self, item: _WorkItem, module: torch.nn.Module) -> Any:
-        """Run one forward pass in this worker thread (the CUDA pool adds streams)."""
-        c = item.call
-        with torch.enable_grad() if self.grad else torch.inference_mode():
-            return module(*c.args, **c.kwargs)
-
-    def _place(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Where a module built from a ModuleSpec goes (here: where it was built)."""
-        return module
-
-    def _build(self, spec: ModuleSpec) -> torch.nn.Module:
-        with self._spec_lock:
-            hit = self._specs.get(id(spec))
-            if hit is None or hit[0] is not spec:
-                hit = (spec, self._place(spec.build()))
-                self._specs[id(spec)] = hit
-            return hit[1]
-
-    async def _load(self, modules: tuple[torch.nn.Module | ModuleSpec, ...]) -> None:
-        for m in modules:
-            if isinstance(m, ModuleSpec):
-                self._build(m)
+    def _backend(self, name: str) -> ThreadBackend:
+        return ThreadBackend(name, self.threads_per_worker, self.grad)
 
 
-def _claim_torch_threads(pool: Pool, n: int) -> None:
+def claim_torch_threads(owner: object, n: int) -> None:
+    """Set torch's process-wide intra-op threads to ``n`` until ``owner`` releases it."""
     with _torch_threads_lock:
-        _torch_threads_owners.append((pool, torch.get_num_threads()))
+        _torch_threads_owners.append((owner, torch.get_num_threads()))
         torch.set_num_threads(n)
 
 
-def _release_torch_threads(pool: Pool) -> None:
-    """Restore torch's thread count once the last pool that changed it closes."""
+def release_torch_threads(owner: object) -> int | None:
+    """Drop ``owner``'s claim; when it was the last, restore torch's thread count here and
+    return it (OpenMP keeps the count per thread: the caller may have to apply it again in
+    the thread that matters, see ``Backend.release_caller``)."""
     with _torch_threads_lock:
-        idx = next((i for i, (p, _) in enumerate(_torch_threads_owners) if p is pool), None)
+        idx = next((i for i, (p, _) in enumerate(_torch_threads_owners) if p is owner), None)
         if idx is None:
-            return
+            return None
         _, previous = _torch_threads_owners.pop(idx)
         if not _torch_threads_owners:
             with contextlib.suppress(RuntimeError):
                 torch.set_num_threads(previous)
-        elif idx == 0:
+            return previous
+        if idx == 0:
             # keep the oldest saved value for whoever restores last
             p, _ = _torch_threads_owners[0]
             _torch_threads_owners[0] = (p, previous)
+        return None
+
+
+def apply_torch_threads(n: int | None) -> None:
+    """``torch.set_num_threads(n)`` in this thread, unless ``n`` is None or others claim it."""
+    if n is None:
+        return
+    with _torch_threads_lock:
+        if not _torch_threads_owners:
+            with contextlib.suppress(RuntimeError):
+                torch.set_num_threads(n)

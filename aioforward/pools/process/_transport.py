@@ -11,16 +11,25 @@ tensors are pulled out with ``persistent_id``:
 * module weights go once into a segment of their own that every worker maps
   read-write: N workers, one copy.
 
-Segments are plain files in ``/dev/shm`` named ``aiofwd_<owner pid>_...``. They
-are mapped and their descriptor closed at once (no descriptor per segment, so
-``ulimit -n`` is never the limit), reused call after call (fresh shared memory
-costs page faults: ~117 ms for 64 MiB here, against ~3 ms for a warm copy) and
-reserved with ``posix_fallocate`` so a full ``/dev/shm`` gives a clear error
-instead of SIGBUS. We do not use :class:`multiprocessing.shared_memory.SharedMemory`
-because before Python 3.13 every process that attaches registers the segment
-with the resource tracker (bpo-38119), which then unlinks or warns about
-segments it does not own; names carrying the owner's pid let the next pool
-sweep what a killed process left behind.
+Segments (chosen in one place, :data:`MEMFD`):
+
+* Linux: anonymous ``memfd_create`` files. Nothing is ever named in
+  ``/dev/shm``; a segment's descriptor travels once to the other process over
+  the worker's Unix socket (``SCM_RIGHTS``), both sides map it and close the
+  descriptor, and the kernel frees the memory when the last mapping goes, a
+  SIGKILLed parent included. Docker's 64 MB ``/dev/shm`` does not limit them.
+* elsewhere (or with ``AIOFORWARD_SHM=named``): files in ``/dev/shm`` named
+  ``aiofwd_<owner pid>_...``, unlinked when released; the next pool sweeps
+  what a killed process left behind.
+
+Either way a segment is mapped with ``torch.from_file`` and no descriptor is
+kept per segment (``ulimit -n`` is never the limit), segments are reused call
+after call (fresh shared memory costs page faults: ~117 ms for 64 MiB here,
+against ~3 ms for a warm copy) and reserved with ``posix_fallocate`` so a full
+tmpfs gives a clear error instead of SIGBUS. We do not use
+:class:`multiprocessing.shared_memory.SharedMemory`: before Python 3.13 every
+process that attaches registers the segment with the resource tracker
+(bpo-38119), which then unlinks or warns about segments it does not own.
 """
 
 from __future__ import annotations
@@ -28,20 +37,30 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import itertools
 import os
 import pickle
+import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...errors import SerializationError
+from ._messages import SegmentRef
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 INLINE_BYTES = 64 * 1024  # below this a copy through the pipe beats shm bookkeeping
 ALIGN = 64  # cache-line alignment of every tensor in a segment
 MIN_SEGMENT = 1 << 20  # segments start at 1 MiB and double, so growth is rare
 SHM_DIR = Path("/dev/shm")
 PREFIX = "aiofwd_"
+# The one place the kind of segment is chosen (the worker is told the parent's choice).
+MEMFD = hasattr(os, "memfd_create") and os.environ.get("AIOFORWARD_SHM", "") != "named"
+
+_sids = itertools.count(1)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -54,7 +73,14 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def shm_free_bytes() -> int:
+def shm_free_bytes(memfd: bool = MEMFD) -> int:
+    """Bytes a new segment may take: available memory for memfd, free space in /dev/shm."""
+    if memfd:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         st = os.statvfs(SHM_DIR)
     except OSError:
@@ -63,38 +89,63 @@ def shm_free_bytes() -> int:
 
 
 class Segment:
-    """A named shared-memory file mapped as a uint8 tensor, with no descriptor kept open.
+    """Shared memory mapped as a uint8 tensor.
 
-    ``torch.from_file(shared=True)`` maps the file and closes its descriptor
-    (``mmap.mmap`` would keep a duplicate per mapping before Python 3.13).
+    ``fd`` is the memfd while this process may still have to hand it to another
+    (a weight segment, for workers started later); otherwise it is closed right
+    after mapping. ``torch.from_file(shared=True)`` maps a path and closes its
+    own descriptor; a memfd is reached through ``/proc/self/fd``.
     """
 
-    def __init__(self, name: str, size: int) -> None:
-        self.name = name
-        self.size = size
-        self.buf = torch.from_file(str(SHM_DIR / name), shared=True, size=size, dtype=torch.uint8)
+    def __init__(self, ref: SegmentRef, memfd: bool, fd: int | None) -> None:
+        self.sid, self.size, self.name = ref
+        self.memfd = memfd
+        self.fd = fd
+        path = f"/proc/self/fd/{fd}" if memfd else str(SHM_DIR / self.name)
+        self.buf = torch.from_file(path, shared=True, size=self.size, dtype=torch.uint8)
+
+    @property
+    def ref(self) -> SegmentRef:
+        return SegmentRef(self.sid, self.size, self.name)
 
     @classmethod
-    def create(cls, name: str, size: int) -> Segment:
-        path = SHM_DIR / name
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    def create(cls, name: str, size: int, *, memfd: bool = MEMFD, keep_fd: bool = True) -> Segment:
+        """A new segment of ``size`` bytes, reserved now (a clear error when memory is short)."""
+        if memfd:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        else:
+            fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)  # reserve now: ENOSPC here, never SIGBUS later
+            seg = cls(SegmentRef(next(_sids), size, name), memfd, fd)
         except OSError as exc:
-            os.unlink(path)
+            os.close(fd)
+            if not memfd:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(SHM_DIR / name)
             if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                where = "memory" if memfd else str(SHM_DIR)
                 raise SerializationError(
-                    f"not enough shared memory: {size} bytes needed in {SHM_DIR}, "
-                    f"{shm_free_bytes()} free; enlarge /dev/shm or send smaller tensors"
+                    f"not enough shared memory: {size} bytes needed in {where}, "
+                    f"{shm_free_bytes(memfd)} free; free memory, enlarge /dev/shm or send "
+                    "smaller tensors"
                 ) from exc
             raise
-        finally:
-            os.close(fd)
-        return cls(name, size)
+        if not memfd or not keep_fd:
+            seg.close_fd()
+        return seg
 
     @classmethod
-    def attach(cls, name: str) -> Segment:
-        return cls(name, (SHM_DIR / name).stat().st_size)
+    def receive(cls, ref: SegmentRef, memfd: bool, fd: int | None) -> Segment:
+        """Map a segment made by the other process (its memfd ``fd``, or its name)."""
+        seg = cls(ref, memfd, fd)
+        seg.close_fd()
+        return seg
+
+    def close_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor viewing this segment (no copy)."""
@@ -104,36 +155,61 @@ class Segment:
         nbytes = count * _itemsize(dtype)
         return self.buf[offset : offset + nbytes].view(dtype).view(shape)
 
-    def unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(SHM_DIR / self.name)
+    def release(self) -> None:
+        """Forget it here: close the descriptor, unlink a named file. The memory goes when the
+        last process unmaps it (views of ``buf`` still alive keep it mapped)."""
+        self.close_fd()
+        if not self.memfd:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(SHM_DIR / self.name)
 
 
-def ensure_segment(seg: Segment | None, prefix: str, gen: int, need: int) -> tuple[Segment, int]:
-    """Return ``seg`` if it holds ``need`` bytes, else a larger replacement.
+def ensure_segment(seg: Segment | None, name: str, need: int, memfd: bool) -> Segment:
+    """Return ``seg`` if it holds ``need`` bytes, else a larger replacement (``seg`` released).
 
-    The old segment is unlinked; the new one is named ``prefix + str(gen + 1)`` and sized to
-    the next power of two (at least MIN_SEGMENT), so growth is rare and pages stay warm.
-    Returns the segment and its generation.
+    Sizes go to the next power of two (at least MIN_SEGMENT), so growth is rare and pages
+    stay warm. The new segment keeps its memfd descriptor until it is handed over.
     """
     if seg is not None and seg.size >= need:
-        return seg, gen
+        return seg
     if seg is not None:
-        seg.unlink()
-    gen += 1
+        seg.release()
     size = max(MIN_SEGMENT, 1 << (need - 1).bit_length())
-    return Segment.create(f"{prefix}{gen}", size), gen
+    return Segment.create(f"{name}{next(_sids)}", size, memfd=memfd, keep_fd=True)
+
+
+def send_fds(conn: Connection, fds: list[int]) -> None:
+    """Send descriptors over the Unix socket under ``conn`` (right after a message)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=conn.fileno())
+    try:
+        socket.send_fds(sock, [b"F"], fds)
+    finally:
+        sock.detach()
+
+
+def recv_fds(conn: Connection, count: int) -> list[int]:
+    """Receive ``count`` descriptors sent by :func:`send_fds`."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=conn.fileno())
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 1, count)
+    finally:
+        sock.detach()
+    if len(fds) != count:
+        for fd in fds:
+            os.close(fd)
+        raise EOFError(f"expected {count} descriptors, got {len(fds)}")
+    return fds
 
 
 def unlink_prefix(prefix: str) -> None:
-    """Remove every segment whose name starts with ``prefix``."""
+    """Remove every named segment whose name starts with ``prefix``."""
     for p in SHM_DIR.glob(prefix + "*"):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 
 
 def sweep_stale() -> int:
-    """Unlink segments whose owner process is gone (a killed parent or worker)."""
+    """Unlink named segments whose owner process is gone (a killed parent or worker)."""
     swept = 0
     for p in SHM_DIR.glob(PREFIX + "*"):
         try:
@@ -166,11 +242,13 @@ def _round(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _as_bytes(t: torch.Tensor) -> bytes:
+def _as_bytes(t: torch.Tensor) -> bytearray:
+    """The tensor's bytes, compacted (torch alone: numpy is not a dependency)."""
     flat = t.contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return b""
-    return flat.view(torch.uint8).numpy().tobytes()
+    out = bytearray(flat.numel() * flat.element_size())
+    if out:
+        torch.frombuffer(out, dtype=torch.uint8).copy_(flat.view(torch.uint8))
+    return out
 
 
 def _is_plain(t: torch.Tensor) -> bool:
@@ -236,7 +314,8 @@ def loads(
             dtype = _dtype(dt)
             if not raw:
                 return torch.empty(shape, dtype=dtype)
-            return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+            buf = raw if isinstance(raw, bytearray) else bytearray(raw)
+            return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
         off, dt, shape = table[pid[1]]
         assert seg is not None
         v = seg.view(off, _dtype(dt), shape)
@@ -257,11 +336,13 @@ class ShippedModule:
 
     def release(self) -> None:
         if self.seg is not None:
-            self.seg.unlink()
+            self.seg.release()
             self.seg = None
 
 
-def ship_module(module: torch.nn.Module, seg_name: str, max_bytes: int | None) -> ShippedModule:
+def ship_module(
+    module: torch.nn.Module, seg_name: str, max_bytes: int | None, memfd: bool = MEMFD
+) -> ShippedModule:
     """Pickle ``module`` with its weights placed in a new shared segment (one copy for all)."""
     places: dict[tuple[int, int], int] = {}  # (data_ptr, nbytes) of a storage -> offset
     storages: list[tuple[int, torch.UntypedStorage]] = []
@@ -277,8 +358,8 @@ def ship_module(module: torch.nn.Module, seg_name: str, max_bytes: int | None) -
             size += _round(st.nbytes())
     seg = None
     if size:
-        check_room(size, max_bytes)
-        seg = Segment.create(seg_name, max(size, ALIGN))
+        check_room(size, max_bytes, memfd)
+        seg = Segment.create(seg_name, max(size, ALIGN), memfd=memfd, keep_fd=True)
         for off, st in storages:
             src = torch.empty(0, dtype=torch.uint8).set_(st)
             seg.view(off, torch.uint8, (st.nbytes(),)).copy_(src)
@@ -309,7 +390,7 @@ def ship_module(module: torch.nn.Module, seg_name: str, max_bytes: int | None) -
         p.dump(module)
     except BaseException:
         if seg is not None:
-            seg.unlink()
+            seg.release()
         raise
     return ShippedModule(f.getvalue(), seg)
 
@@ -332,18 +413,19 @@ def load_module(blob: bytes, seg: Segment | None) -> torch.nn.Module:
     return module
 
 
-def check_room(size: int, max_bytes: int | None) -> None:
+def check_room(size: int, max_bytes: int | None, memfd: bool = MEMFD) -> None:
     """Raise SerializationError (bytes needed and free) when ``size`` cannot be placed."""
     if max_bytes is not None and size > max_bytes:
         raise SerializationError(
             f"not enough shared memory: {size} bytes needed, the pool's shm_limit allows "
             f"{max_bytes}; raise shm_limit or send smaller tensors"
         )
-    free = shm_free_bytes()
+    free = shm_free_bytes(memfd)
     if size > free:
+        where = "memory" if memfd else str(SHM_DIR)
         raise SerializationError(
-            f"not enough shared memory: {size} bytes needed in {SHM_DIR}, {free} free; "
-            "enlarge /dev/shm or send smaller tensors"
+            f"not enough shared memory: {size} bytes needed in {where}, {free} free; "
+            "free memory, enlarge /dev/shm or send smaller tensors"
         )
 
 

@@ -1,7 +1,7 @@
-"""The worker process: torch initialiser, then a loop of calls from its pipe.
+"""The worker process's entry point: torch set-up, the initializer, then a loop of calls.
 
-This module must not import torch at import time: thread settings are read when
-torch first loads, and the worker sets them before that.
+Thread counts are also set in the environment the parent gives the worker
+(``OMP_NUM_THREADS``), since OpenMP reads them when torch first loads.
 """
 
 from __future__ import annotations
@@ -12,18 +12,43 @@ import sys
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ...errors import WorkerStartError, encode_exception
+from ._messages import (
+    OOM_EXIT,
+    CallMsg,
+    Ok,
+    OutOfMemory,
+    Raised,
+    Ready,
+    SegmentRef,
+    StartFailed,
+    Stop,
+    Unsendable,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from multiprocessing.connection import Connection
 
-# Message kinds, parent -> worker
-CALL, STOP = "call", "stop"
-# worker -> parent
-READY, START_FAILED, OK, EXC, SER_ERR, OOM = "ready", "start_failed", "ok", "exc", "serr", "oom"
+    import torch
 
-OOM_EXIT = 75  # the worker exits with this code after running out of memory
+    from ._transport import Segment
+
+
+class WorkerOptions(NamedTuple):
+    """What the parent tells a worker at start."""
+
+    parent_pid: int
+    name: str  # label of the worker's output segments
+    threads: int
+    interop_threads: int
+    seed: int | None
+    initializer: Callable[..., object] | None
+    initargs: tuple[Any, ...]
+    inline_bytes: int
+    memfd: bool
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -34,122 +59,145 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def worker_main(
-    conn: Connection,
-    parent_pid: int,
-    out_prefix: str,
-    threads: int,
-    interop_threads: int,
-    seed: int | None,
-    initializer: Callable[..., object] | None,
-    initargs: tuple[Any, ...],
-    inline_bytes: int,
-) -> None:
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+def worker_main(conn: Connection, opts: WorkerOptions) -> None:
+    threading.Thread(
+        target=_watch_parent, args=(opts.parent_pid,), name="aioforward-parent-watch", daemon=True
+    ).start()
     try:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(opts.threads)
         try:
-            torch.set_num_interop_threads(interop_threads)
+            torch.set_num_interop_threads(opts.interop_threads)
         except RuntimeError:  # already set (e.g. the user's __main__ ran a parallel op)
             pass
-        if seed is not None:
-            torch.manual_seed(seed)
-        if initializer is not None:
-            initializer(*initargs)
+        if opts.seed is not None:
+            torch.manual_seed(opts.seed)
+        if opts.initializer is not None:
+            opts.initializer(*opts.initargs)
     except BaseException:
-        conn.send_bytes(pickle.dumps((START_FAILED, traceback.format_exc())))
+        _send(conn, StartFailed(traceback.format_exc()))
         sys.exit(1)
-    conn.send_bytes(pickle.dumps((READY, os.getpid())))
-    _serve(conn, out_prefix, inline_bytes)
+    _send(conn, Ready(os.getpid()))
+    _Server(conn, opts).serve()
 
 
-def _serve(conn: Connection, out_prefix: str, inline_bytes: int) -> None:
-    import torch
+class _Server:
+    """The worker's state: modules it holds and the segments it has mapped."""
 
-    from ._transport import Outbox, Segment, ensure_segment, load_module, loads
+    def __init__(self, conn: Connection, opts: WorkerOptions) -> None:
+        self.conn = conn
+        self.opts = opts
+        self.modules: dict[Any, torch.nn.Module] = {}
+        self.segments: dict[int, Segment] = {}  # parent's segments: sid -> mapping
+        self.weights_of: dict[Any, int] = {}  # module key -> its weight segment sid
+        self.request_sid: int | None = None  # the parent's current request segment
+        self.out: Segment | None = None  # our own response segment
 
-    modules: dict[Any, torch.nn.Module] = {}
-    weights: dict[str, Segment] = {}  # weight segment name -> mapping
-    weights_of: dict[Any, str] = {}  # module key -> its weight segment name
-    in_seg: Segment | None = None
-    out_seg: Segment | None = None
-    generation = 0
-    while True:
-        try:
-            raw = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        msg = pickle.loads(raw)
-        if msg[0] == STOP:
-            return
-        _, seg_name, table, drops, shipped, body = msg
-        for key in drops:  # modules the parent released or reloaded: unmap their weights
-            modules.pop(key, None)
-            wname = weights_of.pop(key, None)
-            if wname is not None and wname not in weights_of.values():
-                weights.pop(wname, None)
+    def serve(self) -> None:
+        from ._transport import Segment, recv_fds
+
+        while True:
+            try:
+                msg = pickle.loads(self.conn.recv_bytes())
+                if isinstance(msg, Stop):
+                    return
+                assert isinstance(msg, CallMsg), msg
+                fds = recv_fds(self.conn, len(msg.new)) if self.opts.memfd and msg.new else []
+            except (EOFError, OSError):
+                return
+            for i, ref in enumerate(msg.new):
+                self.segments[ref.sid] = Segment.receive(
+                    ref, self.opts.memfd, fds[i] if fds else None
+                )
+            self._forget(msg.drops)
+            if msg.request is not None and msg.request != self.request_sid:
+                if self.request_sid is not None:  # it grew: unmap the old one
+                    self.segments.pop(self.request_sid, None)
+                self.request_sid = msg.request
+            self._call(msg)
+
+    def _forget(self, keys: tuple[Any, ...]) -> None:
+        """Modules the parent released or reloaded: drop them and unmap their weights."""
+        for key in keys:
+            self.modules.pop(key, None)
+            sid = self.weights_of.pop(key, None)
+            if sid is not None and sid not in self.weights_of.values():
+                self.segments.pop(sid, None)
+
+    def _call(self, msg: CallMsg) -> None:
+        import torch
+
+        from ._transport import Outbox, load_module, loads
+
         t0 = time.perf_counter()
         try:
-            if seg_name is not None and (in_seg is None or in_seg.name != seg_name):
-                in_seg = Segment.attach(seg_name)
-            if shipped is not None:
-                key, blob, wname = shipped
-                if wname is not None:
-                    if wname not in weights:
-                        weights[wname] = Segment.attach(wname)
-                    weights_of[key] = wname
-                modules[key] = load_module(blob, weights.get(wname) if wname else None)
-            ref, args, kwargs = loads(body, in_seg, table, copy=False)
-            fn = _resolve(ref, modules)
+            if msg.load is not None:
+                key, blob, wsid = msg.load
+                if wsid is not None:
+                    self.weights_of[key] = wsid
+                self.modules[key] = load_module(
+                    blob, self.segments[wsid] if wsid is not None else None
+                )
+            seg = self.segments[msg.request] if msg.request is not None else None
+            ref, args, kwargs = loads(msg.body, seg, msg.table, copy=False)
+            fn = self._resolve(ref)
             if isinstance(fn, torch.nn.Module):
-                with torch.inference_mode():
+                with torch.inference_mode():  # results are rebuilt as ordinary tensors
                     out = fn(*args, **kwargs)
             else:
                 out = fn(*args, **kwargs)
             del args, kwargs
         except BaseException as exc:
             if _is_oom(exc):
-                _send(conn, (OOM, traceback.format_exc()))
+                _send(self.conn, OutOfMemory(traceback.format_exc()))
                 os._exit(OOM_EXIT)
-            _send(conn, _exception_message(exc))
-            continue
+            _send(self.conn, Raised(encode_exception(exc)))
+            return
         compute = time.perf_counter() - t0
-        box = Outbox(inline_bytes)
+        box = Outbox(self.opts.inline_bytes)
+        new: tuple[SegmentRef, ...] = ()
         try:
             payload = box.dumps(out)
             size = box.big_bytes()
             table_out = []
             if size:
-                out_seg, generation = ensure_segment(out_seg, out_prefix, generation, size)
-                table_out = box.write(out_seg)
+                new = self._ensure_out(size)
+                assert self.out is not None
+                table_out = box.write(self.out)
         except BaseException as exc:
-            _send(conn, (SER_ERR, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-            continue
+            _send(self.conn, Unsendable(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            return
         finally:
             del out
-        seg_name = out_seg.name if table_out and out_seg is not None else None
-        _send(conn, (OK, seg_name, table_out, payload, compute))
+        sid = self.out.sid if table_out and self.out is not None else None
+        fds = [self.out.fd] if new and self.out is not None and self.out.fd is not None else []
+        _send(self.conn, Ok(new, sid, table_out, payload, compute), fds)
+        if new and self.out is not None:
+            self.out.close_fd()  # the parent has its own descriptor now
 
+    def _ensure_out(self, size: int) -> tuple[SegmentRef, ...]:
+        from ._transport import ensure_segment
 
-def _resolve(ref: tuple[Any, ...], modules: dict[Any, Any]) -> Any:
-    kind = ref[0]
-    if kind == "m":
-        return modules[ref[1]]
-    if kind == "spec":
-        _, key, spec = ref
-        if key not in modules:
-            try:
-                modules[key] = spec.build()
-            except BaseException as exc:
-                from ...errors import WorkerStartError
+        old = self.out
+        self.out = ensure_segment(old, f"{self.opts.name}_out", size, self.opts.memfd)
+        return () if self.out is old else (self.out.ref,)
 
-                raise WorkerStartError(
-                    f"{spec!r} failed in worker pid {os.getpid()}: {type(exc).__name__}: {exc}"
-                ) from exc
-        return modules[key]
-    return ref[1]
+    def _resolve(self, ref: tuple[Any, ...]) -> Any:
+        kind = ref[0]
+        if kind == "m":
+            return self.modules[ref[1]]
+        if kind == "spec":
+            _, key, spec = ref
+            if key not in self.modules:
+                try:
+                    self.modules[key] = spec.build()
+                except BaseException as exc:
+                    raise WorkerStartError(
+                        f"{spec!r} failed in worker pid {os.getpid()}: {type(exc).__name__}: {exc}"
+                    ) from exc
+            return self.modules[key]
+        return ref[1]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -161,19 +209,12 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
-def _exception_message(exc: BaseException) -> tuple[Any, ...]:
-    tb = "".join(traceback.format_exception(exc))
-    tb = f"worker pid {os.getpid()}:\n{tb}"
-    try:
-        blob = pickle.dumps(exc)
-        pickle.loads(blob)  # many exceptions pickle but cannot be rebuilt: check here
-    except BaseException:
-        blob = None
-    return (EXC, blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)
-
-
-def _send(conn: Connection, msg: tuple[Any, ...]) -> None:
+def _send(conn: Connection, msg: Any, fds: list[int] | None = None) -> None:
     try:
         conn.send_bytes(pickle.dumps(msg, protocol=5))
+        if fds:
+            from ._transport import send_fds
+
+            send_fds(conn, fds)
     except (BrokenPipeError, OSError):
         os._exit(1)

@@ -1,0 +1,95 @@
+"""What users do without aioforward: the functions the alternatives run in their workers.
+
+Spawned processes (``ProcessPoolExecutor``, ``anyio.to_process``, the process per call) find
+these by importable name, ``aioforward.bench._alternatives.<name>``, so this module imports
+nothing beyond torch and the bench's models: a worker pays for no report or plotting library.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import _models
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+
+# The module a ProcessPoolExecutor worker built in its initializer (one per worker process).
+_pe_module: torch.nn.Module | None = None
+
+
+def build(kind: str) -> torch.nn.Module:
+    """One of the bench's modules with fixed weights.
+
+    Example: ``build("tiny")(torch.randn(1, 10))``.
+    """
+    torch.manual_seed(0)
+    module: torch.nn.Module = getattr(_models, kind)()
+    return module
+
+
+def pe_init(kind: str) -> None:
+    """``ProcessPoolExecutor`` initializer: one torch thread, the module built once.
+
+    Example: ``ProcessPoolExecutor(2, initializer=pe_init, initargs=("tiny",))``.
+    """
+    global _pe_module
+    torch.set_num_threads(1)
+    _pe_module = build(kind)
+
+
+def pe_run(x: torch.Tensor) -> torch.Tensor:
+    """Run the module :func:`pe_init` built in this worker.
+
+    Example: ``await loop.run_in_executor(executor, pe_run, x)``.
+    """
+    assert _pe_module is not None, "pe_run needs pe_init as the executor's initializer"
+    with torch.inference_mode():
+        out: torch.Tensor = _pe_module(x)
+    return out
+
+
+def pe_pid(x: torch.Tensor) -> int:
+    """Run the worker's module, then hold the worker long enough that the executor starts a
+    second one; return this worker's pid.
+
+    Example: ``pids = {await loop.run_in_executor(executor, pe_pid, x) for _ in range(2)}``.
+    """
+    pe_run(x)
+    time.sleep(3)
+    return os.getpid()
+
+
+def direct(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A forward pass called directly, as a coroutine would without a pool.
+
+    Example: ``await asyncio.to_thread(direct, module, x)``.
+    """
+    with torch.inference_mode():
+        out: torch.Tensor = module(x)
+    return out
+
+
+def _rebuild_and_run(kind: str, x: torch.Tensor, q: Queue[Any]) -> None:
+    with torch.inference_mode():
+        # A tensor would travel by a file descriptor, gone once this process exits.
+        q.put(build(kind)(x).numpy())
+
+
+def seed_call(kind: str, x: torch.Tensor) -> Any:
+    """The popular Q&A answer: a new process per call that rebuilds the module.
+
+    Example: ``seed_call("tiny", torch.randn(1, 10))`` (a numpy array, after about a second).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    q: Queue[Any] = ctx.Queue()
+    p = ctx.Process(target=_rebuild_and_run, args=(kind, x, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out

@@ -1,0 +1,130 @@
+"""How the bench measures: one run's figures, and the timing loops that fill them.
+
+Each figure is a median over repeats after a warm-up. Variants that are compared are timed
+round-robin (:func:`interleaved`), so drift on a shared machine hits them alike and their
+ratios hold even when absolute times move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..monitor import LoopLagMonitor
+
+Size = Literal["full", "quick", "smoke"]
+Figures = dict[str, float]  # e.g. {"median": s, "min": s, "max": s, "n": count}
+Results = dict[str, Figures]  # figure name -> its figures
+Step = Callable[[], Awaitable[Any]]
+
+
+class Skip(Exception):
+    """A scenario cannot run here (an optional package, a GPU); the message says why."""
+
+
+@dataclass
+class Run:
+    """One bench run: how long to measure, and what it measured.
+
+    Example: ``run = Run("smoke"); await rounds(run, "x", step, run.n(15, 5, 2))``.
+    """
+
+    size: Size
+    results: Results = field(default_factory=dict)
+
+    def n(self, full: int, quick: int, smoke: int) -> int:
+        """The repeat count for this run's size.
+
+        Example: ``Run("quick").n(2000, 300, 100) == 300``.
+        """
+        return {"full": full, "quick": quick, "smoke": smoke}[self.size]
+
+
+def record(run: Run, name: str, samples: list[float]) -> float:
+    """Store the median, min, max and count of ``samples`` (seconds) under ``name``.
+
+    Example: ``record(run, "start/ProcessPool", [1.2, 1.1, 1.3]) == 1.2``.
+    """
+    run.results[name] = {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+    }
+    return run.results[name]["median"]
+
+
+async def rounds(run: Run, name: str, step: Step, n: int, warmup: int = 1) -> float:
+    """Time ``n`` awaits of ``step()`` after ``warmup`` untimed ones; record their median.
+
+    Example: ``await rounds(run, "mlp/Ray", both, 10)``.
+    """
+    for _ in range(warmup):
+        await step()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await step()
+        ts.append(time.perf_counter() - t0)
+    return record(run, name, ts)
+
+
+async def per_call(run: Run, name: str, step: Step, n: int) -> float:
+    """Many short calls: :func:`rounds` with a longer warm-up (10%, at least 5 calls).
+
+    Example: ``await per_call(run, "asyncio/tiny/RayPool", lambda: pool.forward(m, x), 500)``.
+    """
+    return await rounds(run, name, step, n, warmup=max(5, n // 10))
+
+
+async def interleaved(
+    run: Run, variants: dict[str, tuple[Step, int]], n: int, block: int = 1
+) -> None:
+    """Time the variants round-robin (``block`` calls per turn, ``n`` turns), each at its
+    torch thread count, after one warm-up turn each; record each variant's median.
+
+    Example: ``await interleaved(run, {"a": (step_a, 1), "b": (step_b, 2)}, 15)``.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for warm in [True] + [False] * n:
+        for name, (step, threads) in variants.items():
+            torch.set_num_threads(threads)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                await step()
+                if not warm:
+                    samples[name].append(time.perf_counter() - t0)
+    torch.set_num_threads(1)
+    for name, ts in samples.items():
+        record(run, name, ts)
+
+
+async def lag_during(run: Run, name: str, step: Step, n: int) -> None:
+    """Record the event loop's heartbeat lag (p50, p99, max) while ``step()`` runs ``n``
+    times, with a 2 ms sleep between them so a blocking round shows as one late beat.
+
+    Example: ``await lag_during(run, "lag/mlp/direct", serial, 15)``.
+    """
+    await step()
+    async with LoopLagMonitor() as lag:
+        for _ in range(n):
+            await step()
+            await asyncio.sleep(0.002)
+    s = lag.stats()
+    run.results[name] = {"p50": s.p50, "p99": s.p99, "max": s.max, "samples": s.samples}
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes.
+
+    Example: ``timed(lambda: seed_call("tiny", x))``.
+    """
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

@@ -1,0 +1,392 @@
+"""What the bench writes: the targets (each a ratio against a baseline of the same run), the
+raw figures, a console table and a plot.
+
+``results.json`` holds every figure with its min and max, ``report.md`` the table of targets
+and the per-call figures, ``report.png`` per-call costs, speed-ups and loop lag. A target whose
+scenario did not run (not selected, or skipped: no ray, no GPU) keeps its row, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from .._cpus import usable_cpus
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from ._measure import Results, Run
+
+
+class Target(NamedTuple):
+    """One row of the report: a figure, its target, what was measured, and whether it is met
+    (``None`` for comparison rows and for what did not run)."""
+
+    figure: str
+    target: str
+    measured: str
+    met: bool | None
+
+
+def _ratio(r: Results, a: str, b: str, key: str = "median") -> float:
+    return r[a][key] / r[b][key]
+
+
+def _thread_added(loop: str) -> Callable[[Results], list[Target]]:
+    def rows(r: Results) -> list[Target]:
+        direct = r[f"{loop}/tiny/direct"]["median"]
+        tp = r[f"{loop}/tiny/ThreadPool"]["median"] - direct
+        tt = r[f"{loop}/tiny/to_thread"]["median"] - direct
+        return [
+            Target(
+                f"ThreadPool added per call, tiny ({loop})",
+                "<= 30 us (uvloop) and <= 0.8x to_thread",
+                f"{tp * 1e6:.0f} us = {tp / tt:.2f}x to_thread ({tt * 1e6:.0f} us)",
+                tp / tt <= 0.8 and (loop != "uvloop" or tp <= 30e-6),
+            )
+        ]
+
+    return rows
+
+
+def _process_round_trip(r: Results) -> list[Target]:
+    pp = r["asyncio/tiny/ProcessPool"]["median"]
+    to_process = r["asyncio/tiny/anyio.to_process"]["median"]
+    executor = r["asyncio/tiny/ProcessPoolExecutor"]["median"]
+    return [
+        Target(
+            "ProcessPool round trip, tiny (asyncio)",
+            "<= 100 us; beat anyio.to_process",
+            f"{pp * 1e6:.0f} us; to_process {to_process * 1e6:.0f} us,"
+            f" ProcessPoolExecutor {executor * 1e6:.0f} us",
+            pp <= 100e-6,
+        )
+    ]
+
+
+def _seed(r: Results) -> list[Target]:
+    x = _ratio(r, "asyncio/tiny/seed-process-per-call", "asyncio/tiny/ProcessPool")
+    return [Target("seed approach / ProcessPool per call", ">= 10,000x", f"{x:,.0f}x", x >= 10_000)]
+
+
+def _parallel(kind: str) -> Callable[[Results], list[Target]]:
+    def rows(r: Results) -> list[Target]:
+        out = []
+        for pool in ("ThreadPool", "ProcessPool"):
+            s = _ratio(r, f"{kind}/serial-1-thread", f"{kind}/{pool}")
+            d = _ratio(r, f"{kind}/direct-default-threads", f"{kind}/{pool}")
+            if kind == "mlp":
+                out.append(
+                    Target(
+                        f"run_parallel 2 x mlp, {pool} vs serial 1 thread",
+                        ">= 1.85x",
+                        f"{s:.2f}x",
+                        s >= 1.85,
+                    )
+                )
+            out.append(
+                Target(
+                    f"run_parallel 2 x {kind}, {pool} vs direct default threads",
+                    ">= 0.95x",
+                    f"{d:.2f}x",
+                    d >= 0.95,
+                )
+            )
+        return out
+
+    return rows
+
+
+def _transfer(r: Results) -> list[Target]:
+    rt = _ratio(r, "64MiB/ProcessPool-round-trip", "64MiB/clone")
+    return [Target("64 MiB round trip / one clone", "<= 4x", f"{rt:.2f}x", rt <= 4)]
+
+
+def _lag(r: Results) -> list[Target]:
+    out = []
+    for pool in ("ThreadPool", "ProcessPool"):
+        p99 = r[f"lag/mlp/{pool}-both-cores"]["p99"]
+        out.append(
+            Target(
+                f"heartbeat p99, both cores computing ({pool})",
+                "<= 5 ms",
+                f"{p99 * 1e3:.2f} ms",
+                p99 <= 5e-3,
+            )
+        )
+    p99 = r["lag/mlp/ProcessPool-one-call"]["p99"]
+    out.append(
+        Target(
+            "heartbeat p99, one call in flight (ProcessPool)",
+            "<= 1 ms",
+            f"{p99 * 1e3:.2f} ms",
+            p99 <= 1e-3,
+        )
+    )
+    frozen = r["lag/mlp/direct"]["max"]
+    out.append(
+        Target("heartbeat max, direct call (baseline)", "(frozen)", f"{frozen * 1e3:.1f} ms", None)
+    )
+    return out
+
+
+def _startup(r: Results) -> list[Target]:
+    st = r["start/ProcessPool-2-workers-module-loaded"]["median"]
+    return [
+        Target(
+            "ProcessPool start, 2 workers ready with module", "<= 2.5 s", f"{st:.2f} s", st <= 2.5
+        )
+    ]
+
+
+def _memory(r: Results) -> list[Target]:
+    mem, pe = r["memory/ProcessPool"], r["memory/ProcessPoolExecutor"]
+    return [
+        Target(
+            "memory 2 workers add for a 200 MB module",
+            "<= 1.3 x one copy",
+            f"{mem['added'] / mem['module']:.2f}x one copy ({mem['added'] / 2**20:.0f} MiB; "
+            f"ProcessPoolExecutor: {pe['added'] / mem['module']:.2f}x)",
+            mem["added"] <= 1.3 * mem["module"],
+        )
+    ]
+
+
+def _ray(r: Results) -> list[Target]:
+    return [
+        Target(
+            "Ray actors (baseline): tiny per call / 2 x mlp vs serial",
+            "(comparison)",
+            f"{r['asyncio/tiny/ray-actor']['median'] * 1e6:,.0f} us / "
+            f"{_ratio(r, 'mlp/serial-1-thread', 'mlp/Ray'):.2f}x",
+            None,
+        ),
+        Target(
+            "RayPool: tiny per call / 2 x mlp vs serial",
+            "(comparison with Ray actors)",
+            f"{r['asyncio/tiny/RayPool']['median'] * 1e6:,.0f} us / "
+            f"{_ratio(r, 'mlp/serial-1-thread', 'mlp/RayPool'):.2f}x",
+            None,
+        ),
+    ]
+
+
+def _throughput(r: Results) -> list[Target]:
+    return [
+        Target(
+            "throughput, 32 concurrent callers, tiny",
+            "(comparison)",
+            f"ThreadPool {r['throughput/ThreadPool']['calls_per_s']:,.0f}/s, "
+            f"ProcessPool {r['throughput/ProcessPool']['calls_per_s']:,.0f}/s",
+            None,
+        )
+    ]
+
+
+def _batching(r: Results) -> list[Target]:
+    out = []
+    for pool in ("ThreadPool", "ProcessPool"):
+        bt = r[f"batch/{pool}/Batcher"]["calls_per_s"]
+        ub = r[f"batch/{pool}/unbatched"]["calls_per_s"]
+        n = r[f"batch/{pool}/Batcher"].get("requests", 1000)
+        out.append(
+            Target(
+                f"Batcher on {pool}: {n:,.0f} concurrent requests to mlp vs unbatched",
+                ">= 5x throughput",
+                f"{bt / ub:.1f}x ({bt:,.0f}/s vs {ub:,.0f}/s; mean batch "
+                f"{r[f'batch/{pool}/Batcher']['mean_batch']:.0f})",
+                bt / ub >= 5,
+            )
+        )
+    added = r["batch/lone/Batcher"]["median"] - r["batch/lone/forward"]["median"]
+    out.append(
+        Target(
+            "Batcher: latency added to a lone request (ThreadPool)",
+            "<= 1 ms",
+            f"{added * 1e3:.2f} ms",
+            added <= 1e-3,
+        )
+    )
+    return out
+
+
+def _cuda(r: Results) -> list[Target]:
+    sp = _ratio(r, "cuda/serial-default-stream", "cuda/CudaStreamPool")
+    p99 = r["lag/cuda/CudaStreamPool"]["p99"]
+    return [
+        Target(
+            "CudaStreamPool: 2 small-kernel modules overlapped vs serial",
+            ">= 1.5x, heartbeat p99 <= 2 ms",
+            f"{sp:.2f}x, p99 {p99 * 1e3:.2f} ms",
+            sp >= 1.5 and p99 <= 2e-3,
+        )
+    ]
+
+
+def _result_mode(r: Results) -> list[Target]:
+    rows = []
+    for kind in ("tiny", "transformer"):
+        ng, im = r[f"mode/{kind}/no_grad"]["median"], r[f"mode/{kind}/inference_mode"]["median"]
+        rows.append(
+            Target(
+                f"ordinary results: no_grad vs inference_mode, {kind} forward",
+                "(the cost of results like a direct call's)",
+                f"{ng * 1e6:,.0f} us vs {im * 1e6:,.0f} us = {ng / im:.2f}x",
+                None,
+            )
+        )
+    return rows
+
+
+# (rows' subject, the scenarios whose figures they need, how to build them), in report order.
+_TARGETS: tuple[tuple[str, tuple[str, ...], Callable[[Results], list[Target]]], ...] = (
+    ("ThreadPool added per call, tiny (asyncio)", ("overhead-asyncio",), _thread_added("asyncio")),
+    ("ThreadPool added per call, tiny (uvloop)", ("overhead-uvloop",), _thread_added("uvloop")),
+    ("ProcessPool round trip, tiny (asyncio)", ("overhead-asyncio",), _process_round_trip),
+    ("seed approach / ProcessPool per call", ("seed", "overhead-asyncio"), _seed),
+    ("run_parallel 2 x mlp", ("parallel-mlp",), _parallel("mlp")),
+    ("run_parallel 2 x conv", ("parallel-conv",), _parallel("conv")),
+    ("run_parallel 2 x transformer", ("parallel-transformer",), _parallel("transformer")),
+    ("64 MiB round trip / one clone", ("transfer",), _transfer),
+    ("heartbeat while 2 x mlp run", ("parallel-mlp",), _lag),
+    ("ProcessPool start, 2 workers ready with module", ("startup",), _startup),
+    ("memory 2 workers add for a 200 MB module", ("memory",), _memory),
+    ("Ray actors and RayPool", ("ray", "parallel-mlp"), _ray),
+    ("throughput, 32 concurrent callers, tiny", ("throughput",), _throughput),
+    ("Batcher: 1,000 concurrent requests to mlp", ("batching",), _batching),
+    ("CudaStreamPool: 2 small-kernel modules overlapped vs serial", ("cuda",), _cuda),
+    ("ordinary results: no_grad vs inference_mode", ("result-mode",), _result_mode),
+)
+
+
+NOT_SELECTED = "not selected"
+
+
+def targets(run: Run, status: Mapping[str, str | None], *, unselected: bool = True) -> list[Target]:
+    """The report's rows. ``status`` maps each scenario to ``None`` when it ran, else to the
+    reason it did not; rows whose scenarios did not all run say so instead of a figure (or are
+    left out, with ``unselected=False``, when the only reason is that they were not selected).
+
+    Example: ``targets(run, {"transfer": None, "ray": "skipped: ray is not installed"})``.
+    """
+    rows: list[Target] = []
+    for subject, needs, build in _TARGETS:
+        missing = [(name, status.get(name, NOT_SELECTED)) for name in needs]
+        reasons = [f"{name}: {why}" for name, why in missing if why is not None]
+        if reasons and not unselected and all(why in (None, NOT_SELECTED) for _, why in missing):
+            continue
+        if reasons:
+            rows.append(Target(subject, "", "not run (" + "; ".join(reasons) + ")", None))
+        else:
+            rows += build(run.results)
+    return rows
+
+
+def _met(ok: bool | None, no: str) -> str:
+    return "n/a" if ok is None else "yes" if ok else no
+
+
+def write_report(
+    out: Path, run: Run, status: Mapping[str, str | None], command: str, console: Console
+) -> None:
+    """Write ``results.json``, ``report.md`` and ``report.png`` into ``out``; print the table.
+
+    Example: ``write_report(Path("bench-results"), run, status, "python -m aioforward bench",
+    Console())``.
+    """
+    from rich.table import Table
+
+    rows = targets(run, status)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {usable_cpus()} usable CPUs, Python "
+        f"{platform.python_version()}, torch {torch.__version__}",
+        "size": run.size,
+        "quick": run.size != "full",
+        "command": command,
+        "scenarios": {name: why or "ran" for name, why in status.items()},
+    }
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "results": run.results, "targets": rows}, indent=2)
+    )
+    md = [f"Measured {meta['date']} on {meta['machine']} with `{command}`."]
+    if run.size != "full":
+        md.append(f"A {run.size} run: fewer repeats, so the figures are rough.")
+    md += [
+        "",
+        "| figure | target | measured | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    md += [f"| {t.figure} | {t.target} | {t.measured} | {_met(t.met, '**no**')} |" for t in rows]
+    per_call = {k: v for k, v in run.results.items() if k.startswith("asyncio/tiny/")}
+    if per_call:
+        md += [
+            "",
+            "| per call, tiny module (asyncio) | median | min | max |",
+            "| --- | --- | --- | --- |",
+        ]
+        md += [
+            f"| {k.split('/')[-1]} | {v['median'] * 1e6:,.0f} us | "
+            f"{v['min'] * 1e6:,.0f} us | {v['max'] * 1e6:,.0f} us |"
+            for k, v in per_call.items()
+        ]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    table = Table(title="aioforward benchmarks: targets")
+    for col in ("figure", "target", "measured", "met"):
+        table.add_column(col)
+    for t in targets(run, status, unselected=False):
+        table.add_row(t.figure, t.target, t.measured, _met(t.met, "[red]no[/]"))
+    console.print(table)
+    unselected = [name for name, why in status.items() if why == NOT_SELECTED]
+    if unselected:
+        console.print(f"not selected (--only, --smoke): {', '.join(unselected)}")
+    plot(out, run.results)
+
+
+def plot(out: Path, r: Results) -> None:
+    """Draw ``report.png``: per-call cost, speed-ups, loop lag (a panel says when its figures
+    were not measured).
+
+    Example: ``plot(Path("bench-results"), run.results)``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), layout="constrained")
+    names = [k for k in r if k.startswith("asyncio/tiny/")]
+    axes[0].barh([n.split("/")[-1] for n in names], [r[n]["median"] * 1e6 for n in names])
+    axes[0].set_xlabel("per call, tiny module (us, log)")
+    labels, values = [], []
+    for kind in ("mlp", "conv", "transformer"):
+        for pool in ("ThreadPool", "ProcessPool"):
+            if f"{kind}/{pool}" in r:
+                labels.append(f"{kind} {pool}")
+                values.append(_ratio(r, f"{kind}/serial-1-thread", f"{kind}/{pool}"))
+    axes[1].bar(labels, values)
+    axes[1].axhline(2.0, color="k", linestyle="--", label="2-core limit")
+    axes[1].set_ylabel("speed-up vs one after the other")
+    axes[1].legend(loc="lower right")
+    plt.setp(axes[1].get_xticklabels(), rotation=30, ha="right")
+    lags = [k for k in r if k.startswith("lag/")]
+    axes[2].barh([k[4:] for k in lags], [r[k]["p99"] * 1e3 for k in lags])
+    axes[2].set_xlabel("event-loop lag p99 (ms, log)")
+    for ax, shown in ((axes[0], names), (axes[2], lags)):
+        if shown:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # they overlap over a narrow range
+    for ax, shown in ((axes[0], names), (axes[1], labels), (axes[2], lags)):
+        if not shown:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", transform=ax.transAxes)
+    fig.savefig(out / "report.png", dpi=90)
+    plt.close(fig)

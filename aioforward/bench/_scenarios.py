@@ -1,0 +1,438 @@
+"""What the bench measures: each scenario opens the pools and the alternatives it compares and
+records their figures into the run (see ``_measure``). ``SCENARIOS`` lists them in run order;
+``python -m aioforward bench --only NAME ...`` picks some by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import multiprocessing
+import statistics
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import anyio.to_process
+import torch
+
+from .. import _models
+from .._cpus import usable_cpus
+from ..batching import Batcher
+from ..pools.process import ProcessPool
+from ..pools.thread import ThreadPool
+from . import _alternatives as alt
+from ._measure import Run, Skip, interleaved, lag_during, per_call, record, rounds, timed
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+
+    from ..pools._base import Pool
+
+
+async def _async(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+async def overhead(run: Run, loop_name: str) -> None:
+    """Per-call cost of a tiny module, every approach open at once and timed in interleaved
+    blocks of 50 calls.
+
+    Example: ``asyncio.run(overhead(Run("smoke"), "asyncio"))``.
+    """
+    n = run.n(2000, 300, 100)
+    m, x = _models.tiny(), _models.INPUTS["tiny"]()
+    loop = asyncio.get_running_loop()
+    spawn = multiprocessing.get_context("spawn")
+    async with ThreadPool(workers=2) as tp, ProcessPool(workers=2) as pp:
+        await pp.warmup(m, example=x)
+        with concurrent.futures.ProcessPoolExecutor(
+            2, mp_context=spawn, initializer=alt.pe_init, initargs=("tiny",)
+        ) as ex:
+            p = f"{loop_name}/tiny/"
+            await interleaved(
+                run,
+                {
+                    p + "direct": (lambda: _async(alt.direct, m, x), 1),
+                    p + "to_thread": (lambda: asyncio.to_thread(alt.direct, m, x), 1),
+                    p + "ThreadPool": (lambda: tp.forward(m, x), 1),
+                    p + "ProcessPool": (lambda: pp.forward(m, x), 1),
+                    p + "ProcessPoolExecutor": (lambda: loop.run_in_executor(ex, alt.pe_run, x), 1),
+                    p + "anyio.to_process": (
+                        lambda: anyio.to_process.run_sync(alt.direct, m, x),
+                        1,
+                    ),
+                },
+                n // 50,
+                block=50,
+            )
+
+
+async def seed(run: Run) -> None:
+    """The popular answer: a new process per call that rebuilds the module.
+
+    Example: ``asyncio.run(seed(Run("smoke")))``.
+    """
+    x = _models.INPUTS["tiny"]()
+    n = run.n(3, 2, 1)
+    record(
+        run,
+        "asyncio/tiny/seed-process-per-call",
+        [timed(lambda: alt.seed_call("tiny", x)) for _ in range(n)],
+    )
+
+
+async def parallel(run: Run, kind: str) -> None:
+    """``run_parallel`` of two modules on each pool against direct calls one after the other,
+    then the event loop's heartbeat while they run.
+
+    Example: ``asyncio.run(parallel(Run("smoke"), "mlp"))``.
+    """
+    n = run.n(15, 5, 3)
+    torch.manual_seed(0)
+    m1, m2 = getattr(_models, kind)(), getattr(_models, kind)()
+    x = _models.INPUTS[kind]()
+    cpus = usable_cpus()
+
+    async def serial() -> None:
+        alt.direct(m1, x)
+        alt.direct(m2, x)
+
+    async with ThreadPool(workers=2) as tp, ProcessPool(workers=2) as pp:
+        await pp.warmup(m1, m2, example=x)
+        await interleaved(
+            run,
+            {
+                f"{kind}/serial-1-thread": (serial, 1),
+                f"{kind}/direct-default-threads": (serial, cpus),
+                f"{kind}/ThreadPool": (lambda: tp.run_parallel(m1, m2, x), 1),
+                f"{kind}/ProcessPool": (lambda: pp.run_parallel(m1, m2, x), 1),
+            },
+            n,
+        )
+        torch.set_num_threads(cpus)
+        await lag_during(run, f"lag/{kind}/direct", serial, n)
+        torch.set_num_threads(1)
+        await lag_during(
+            run, f"lag/{kind}/ThreadPool-both-cores", lambda: tp.run_parallel(m1, m2, x), n
+        )
+        await lag_during(
+            run, f"lag/{kind}/ProcessPool-both-cores", lambda: pp.run_parallel(m1, m2, x), n
+        )
+        await lag_during(run, f"lag/{kind}/ProcessPool-one-call", lambda: pp.forward(m1, x), n)
+
+
+async def memory(run: Run) -> None:
+    """Memory that 2 workers add to serve one ~200 MB module.
+
+    ProcessPool: the growth of the workers' unique memory (USS) when the module is loaded and
+    run on each, plus the shared segment once. ProcessPoolExecutor with the module built in
+    each worker's initializer: its workers' USS minus that of the same executor built with
+    the tiny module (a copy per worker).
+
+    Example: ``asyncio.run(memory(Run("smoke")))``.
+    """
+    import psutil
+
+    def uss(pids: list[int]) -> int:
+        return sum(int(psutil.Process(p).memory_full_info().uss) for p in pids)
+
+    m = alt.build("wide")
+    size = sum(p.numel() * p.element_size() for p in m.parameters())
+    x = torch.randn(1, next(m.parameters()).shape[1])  # one Linear(n, n)
+    async with ProcessPool(workers=2) as pp:
+        await pp.wait_ready()
+        base = uss(pp.worker_pids())
+        await pp.warmup(m, example=x)
+        added = uss(pp.worker_pids()) - base + size  # + the one shared copy
+    run.results["memory/ProcessPool"] = {"module": size, "workers_base": base, "added": added}
+    loop = asyncio.get_running_loop()
+    totals = {}
+    for kind, arg in (("tiny", _models.INPUTS["tiny"]()), ("wide", x)):
+        with concurrent.futures.ProcessPoolExecutor(
+            2,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=alt.pe_init,
+            initargs=(kind,),
+        ) as ex:
+            pids = await asyncio.gather(
+                *(loop.run_in_executor(ex, alt.pe_pid, arg) for _ in range(2))
+            )
+            totals[kind] = uss(sorted(set(pids)))
+    run.results["memory/ProcessPoolExecutor"] = {
+        "module": size,
+        "added": totals["wide"] - totals["tiny"],
+    }
+
+
+class _Actor:
+    """A bare Ray actor holding one module (Ray workers import this class by name)."""
+
+    def __init__(self, kind: str) -> None:
+        torch.set_num_threads(1)
+        self.m = alt.build(kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return alt.direct(self.m, x)
+
+
+async def ray_actors(run: Run) -> None:
+    """Bare Ray actors, one per module, next to RayPool (ray is an optional extra: without
+    it, :class:`Skip`).
+
+    Example: ``asyncio.run(ray_actors(Run("smoke")))``.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise Skip("ray is not installed (pip install 'aioforward[ray]')") from None
+    from ..pools.ray import RayPool
+
+    ray.init(num_cpus=usable_cpus(), include_dashboard=False, log_to_driver=False)
+    try:
+        remote: Any = ray.remote(num_cpus=1)(_Actor)
+        tiny = remote.remote("tiny")
+        x = _models.INPUTS["tiny"]()
+        n_tiny, n_mlp = run.n(500, 100, 20), run.n(10, 3, 2)
+        await per_call(run, "asyncio/tiny/ray-actor", lambda: tiny.forward.remote(x), n_tiny)
+        ray.kill(tiny)
+        a, b = remote.remote("mlp"), remote.remote("mlp")
+        xm = _models.INPUTS["mlp"]()
+
+        async def both() -> None:
+            await asyncio.gather(a.forward.remote(xm), b.forward.remote(xm))
+
+        await rounds(run, "mlp/Ray", both, n_mlp)
+        ray.kill(a)
+        ray.kill(b)
+        mt, m1, m2 = _models.tiny(), _models.mlp(), _models.mlp()
+        async with RayPool(workers=2) as rp:
+            await rp.warmup(mt, example=x)
+            await rp.warmup(m1, m2, example=xm)
+            await per_call(run, "asyncio/tiny/RayPool", lambda: rp.forward(mt, x), n_tiny)
+            await rounds(run, "mlp/RayPool", lambda: rp.run_parallel(m1, m2, xm), n_mlp)
+    finally:
+        ray.shutdown()
+
+
+async def big_transfer(run: Run) -> None:
+    """A 64 MiB tensor through a ProcessPool worker and back, against one in-memory clone.
+
+    Example: ``asyncio.run(big_transfer(Run("smoke")))``.
+    """
+    big = torch.randn(16 * 1024 * 1024)  # 64 MiB
+    ident = torch.nn.Identity()
+
+    async def clone() -> None:
+        big.clone()
+
+    async with ProcessPool(workers=1) as pp:
+        await interleaved(
+            run,
+            {
+                "64MiB/clone": (clone, 1),
+                "64MiB/ProcessPool-round-trip": (lambda: pp.forward(ident, big), 1),
+            },
+            run.n(15, 5, 3),
+        )
+
+
+async def startup(run: Run) -> None:
+    """From ``ProcessPool(workers=2)`` to both workers ready with an mlp loaded.
+
+    Example: ``asyncio.run(startup(Run("smoke")))``.
+    """
+    m, x = _models.mlp(), _models.INPUTS["mlp"]()
+    ts = []
+    for _ in range(run.n(3, 1, 1)):
+        t0 = time.perf_counter()
+        async with ProcessPool(workers=2) as pp:
+            await pp.warmup(m, example=x)
+            ts.append(time.perf_counter() - t0)
+    record(run, "start/ProcessPool-2-workers-module-loaded", ts)
+
+
+async def throughput(run: Run) -> None:
+    """32 concurrent callers of a tiny module on each pool.
+
+    Example: ``asyncio.run(throughput(Run("smoke")))``.
+    """
+    m, x = _models.tiny(), _models.INPUTS["tiny"]()
+    callers, each = 32, run.n(50, 10, 5)
+    pools: list[tuple[str, Callable[[], Pool]]] = [
+        ("ThreadPool", lambda: ThreadPool(workers=2)),
+        ("ProcessPool", lambda: ProcessPool(workers=2)),
+    ]
+    for name, make in pools:
+        async with make() as pool:
+            await pool.warmup(m, example=x)
+
+            async def caller(pool: Pool = pool) -> None:
+                for _ in range(each):
+                    await pool.forward(m, x)
+
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for _ in range(callers):
+                    tg.start_soon(caller)
+            rate = callers * each / (time.perf_counter() - t0)
+            run.results[f"throughput/{name}"] = {"calls_per_s": rate}
+
+
+async def batching(run: Run) -> None:
+    """1,000 concurrent single-sample requests to mlp (250 in a smoke run), batched and not,
+    on each pool; then the latency a Batcher adds to a lone request (low load).
+
+    Example: ``asyncio.run(batching(Run("smoke")))``.
+    """
+    m, x = _models.mlp(), torch.randn(1024)
+    n_requests, reps, lone = run.n(1000, 1000, 250), run.n(3, 1, 1), run.n(200, 30, 20)
+
+    async def burst(step: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(n_requests):
+                tg.start_soon(step)
+
+    pools: list[tuple[str, Callable[[], Pool]]] = [
+        ("ThreadPool", lambda: ThreadPool(workers=2)),
+        ("ProcessPool", lambda: ProcessPool(workers=2)),
+    ]
+    for kind, make in pools:
+        async with make() as pool, Batcher(m, pool, max_batch_size=64) as b:
+            await pool.warmup(m, example=x)
+            variants: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
+                "unbatched": functools.partial(pool.forward, m, x),
+                "Batcher": functools.partial(b, x),
+            }
+            rates: dict[str, list[float]] = {name: [] for name in variants}
+            for rep in range(reps + 1):  # the first round warms up
+                for name, step in variants.items():
+                    t0 = time.perf_counter()
+                    await burst(step)
+                    if rep:
+                        rates[name].append(n_requests / (time.perf_counter() - t0))
+            for name, rs in rates.items():
+                run.results[f"batch/{kind}/{name}"] = {"calls_per_s": statistics.median(rs)}
+            s = b.stats()
+            run.results[f"batch/{kind}/Batcher"]["mean_batch"] = s.samples / s.batches
+            run.results[f"batch/{kind}/Batcher"]["requests"] = n_requests
+            if kind == "ThreadPool":
+                await interleaved(
+                    run,
+                    {
+                        "batch/lone/forward": (variants["unbatched"], 1),
+                        "batch/lone/Batcher": (variants["Batcher"], 1),
+                    },
+                    lone,
+                )
+
+
+async def cuda_streams(run: Run) -> None:
+    """Two small-kernel modules: one after the other on the default stream vs overlapped
+    (without a usable GPU, :class:`Skip` with the reason).
+
+    Example: ``asyncio.run(cuda_streams(Run("smoke")))``.
+    """
+    from ..pools.cuda import CudaStreamPool, cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        raise Skip(reason)
+    m1, m2 = _models.mlp(256, 8).cuda(), _models.mlp(256, 8).cuda()
+    x = torch.randn(32, 256, device="cuda")
+
+    async def serial() -> None:
+        with torch.inference_mode():
+            m1(x)
+            m2(x)
+        torch.cuda.synchronize()
+
+    async with CudaStreamPool(workers=4) as pool:
+        await interleaved(
+            run,
+            {
+                "cuda/serial-default-stream": (serial, 1),
+                "cuda/CudaStreamPool": (lambda: pool.run_parallel(m1, m2, x), 1),
+            },
+            run.n(100, 20, 10),
+        )
+        await lag_during(
+            run, "lag/cuda/CudaStreamPool", lambda: pool.run_parallel(m1, m2, x), run.n(50, 50, 10)
+        )
+
+
+async def result_mode(run: Run) -> None:
+    """What returning ordinary tensors costs: the same forward pass under ``torch.no_grad()``
+    (what the pools run, so results behave like a direct call's) and under
+    ``torch.inference_mode()`` (inference tensors, refused in place outside it), interleaved.
+
+    Example: ``asyncio.run(result_mode(Run("smoke")))``.
+    """
+    for kind, n in (("tiny", run.n(3000, 600, 200)), ("transformer", run.n(200, 40, 10))):
+        m = getattr(_models, kind)()
+        x = _models.INPUTS[kind]()
+
+        def under(mode: Callable[[], Any], m: torch.nn.Module = m, x: Any = x) -> Any:
+            with mode():
+                return m(x)
+
+        def step(mode: Callable[[], Any]) -> Callable[[], Coroutine[Any, Any, Any]]:
+            return functools.partial(_async, under, mode)
+
+        await interleaved(
+            run,
+            {
+                f"mode/{kind}/no_grad": (step(torch.no_grad), 1),
+                f"mode/{kind}/inference_mode": (step(torch.inference_mode), 1),
+            },
+            max(1, n // 10),
+            block=10,
+        )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named part of the bench, run on a fresh event loop of its kind."""
+
+    name: str
+    title: str
+    measure: Callable[[Run], Coroutine[Any, Any, None]]
+    loop: Literal["asyncio", "uvloop"] = "asyncio"
+
+
+def _on(
+    fn: Callable[[Run, str], Coroutine[Any, Any, None]], arg: str
+) -> Callable[[Run], Coroutine[Any, Any, None]]:
+    return lambda run: fn(run, arg)
+
+
+# Run order: the order of the reference runs in benchmarks/results.
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("overhead-asyncio", "per-call cost, tiny module, asyncio", _on(overhead, "asyncio")),
+    Scenario("seed", "a new process per call (the popular answer)", seed),
+    Scenario("parallel-mlp", "run_parallel of 2 x mlp, and loop lag", _on(parallel, "mlp")),
+    Scenario("parallel-conv", "run_parallel of 2 x conv, and loop lag", _on(parallel, "conv")),
+    Scenario(
+        "parallel-transformer",
+        "run_parallel of 2 x transformer, and loop lag",
+        _on(parallel, "transformer"),
+    ),
+    Scenario("memory", "memory 2 workers add for a 200 MB module", memory),
+    Scenario("ray", "bare Ray actors and RayPool", ray_actors),
+    Scenario("transfer", "64 MiB tensor round trip", big_transfer),
+    Scenario("startup", "ProcessPool start with a module loaded", startup),
+    Scenario("throughput", "32 concurrent callers", throughput),
+    Scenario("batching", "Batcher: 1,000 concurrent requests to mlp", batching),
+    Scenario("cuda", "CudaStreamPool on a GPU", cuda_streams),
+    Scenario("result-mode", "no_grad (ordinary results) vs inference_mode", result_mode),
+    Scenario(
+        "overhead-uvloop", "per-call cost, tiny module, uvloop", _on(overhead, "uvloop"), "uvloop"
+    ),
+)
+NAMES: tuple[str, ...] = tuple(s.name for s in SCENARIOS)
+# The representative figures (per call against every alternative, run_parallel with loop lag,
+# the Batcher) for a CI check that the bench works: most of its time is the nine torch worker
+# processes these start, about 20 s on 2 idle cores.
+SMOKE: tuple[str, ...] = ("overhead-asyncio", "parallel-mlp", "batching")

@@ -1,0 +1,94 @@
+"""The messages between the parent and a worker process: small typed records.
+
+Each crosses the worker's pipe pickled. A message that introduces shared-memory
+segments the receiver has not seen lists them in ``new``; on Linux their memfd
+descriptors follow on the same Unix socket right after it (``SCM_RIGHTS``), in
+that order. This module must not import torch (the worker imports it first).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from ...errors import EncodedException
+
+OOM_EXIT = 75  # a worker exits with this code after running out of memory
+MAIN_GUARD_EXIT = 76  # a worker's bootstrap re-ran a main module that started a pool
+
+
+class SegmentRef(NamedTuple):
+    """A shared-memory segment: ``sid`` is unique per creator, ``name`` names a /dev/shm file
+    (fallback) or labels a memfd."""
+
+    sid: int
+    size: int
+    name: str
+
+
+class Load(NamedTuple):
+    """Parent -> worker: build the module ``key`` from ``blob``; its weights are in segment
+    ``weights`` (a sid), if any."""
+
+    key: Any
+    blob: bytes
+    weights: int | None
+
+
+# ---------------------------------------------------------------- parent -> worker
+class CallMsg(NamedTuple):
+    """Run one call. ``request``: the segment holding its large tensors (``table`` says where);
+    ``drops``: module keys to forget first; ``body``: the pickled (module ref, args, kwargs)."""
+
+    new: tuple[SegmentRef, ...]
+    request: int | None
+    table: list[tuple[int, str, tuple[int, ...]]]
+    drops: tuple[Any, ...]
+    load: Load | None
+    body: bytes
+
+
+class Stop(NamedTuple):
+    """Exit after the current call (the worker is idle when it is sent)."""
+
+    reason: str = "stop"
+
+
+# ---------------------------------------------------------------- worker -> parent
+class Ready(NamedTuple):
+    pid: int
+
+
+class StartFailed(NamedTuple):
+    """The initializer (or torch's set-up) raised; the worker exits."""
+
+    traceback: str
+
+
+class Ok(NamedTuple):
+    """The call's result: ``payload`` pickled, large tensors in segment ``segment``."""
+
+    new: tuple[SegmentRef, ...]
+    segment: int | None
+    table: list[tuple[int, str, tuple[int, ...]]]
+    payload: bytes
+    compute_s: float
+
+
+class Raised(NamedTuple):
+    """The module (or loading it) raised."""
+
+    error: EncodedException
+
+
+class Unsendable(NamedTuple):
+    """The result could not be pickled in the worker."""
+
+    text: str
+    traceback: str
+
+
+class OutOfMemory(NamedTuple):
+    """The worker ran out of memory; it exits with ``OOM_EXIT`` right after."""
+
+    traceback: str

@@ -1,0 +1,297 @@
+"""The supervisor: one thread per process pool that starts worker processes, reads their
+replies and reaps them when they exit.
+
+It waits with :func:`multiprocessing.connection.wait` on a wake-up pipe, every
+worker's pipe and every worker's process sentinel. It only reports to the core
+(``worker_ready``, ``call_done``, ``worker_lost``); the core decides what
+happens next (the next call, a replacement). It watches the processes it
+started, which is its role; the core alone counts workers and capacity.
+
+Every handle of a dead worker (its pipe, its process object with the sentinel
+descriptor, its shared-memory mappings) is closed when it is reaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing.connection
+import os
+import pickle
+import threading
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from ...errors import RemoteTraceback, SerializationError, WorkerStartError
+from . import _transport as tr
+from ._messages import (
+    MAIN_GUARD_EXIT,
+    Ok,
+    OutOfMemory,
+    Raised,
+    Ready,
+    StartFailed,
+    Unsendable,
+)
+from ._worker import worker_main
+
+if TYPE_CHECKING:
+    from .._base import PoolCore
+    from ._pool import ProcessBackend, ProcessWorker
+
+__all__ = ["Supervisor"]
+
+_environ_lock = threading.Lock()  # spawn copies os.environ: one start at a time sets it
+
+
+class Supervisor:
+    """Starts, watches and reaps the worker processes of one pool."""
+
+    def __init__(self, backend: ProcessBackend, core: PoolCore) -> None:
+        self._backend = backend
+        self._core = core
+        self._lock = threading.Lock()
+        self._to_spawn: list[ProcessWorker] = []
+        self._procs: dict[int, ProcessWorker] = {}  # started processes, by worker id
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._thread = threading.Thread(
+            target=self._main, name=f"{backend.name}-supervisor", daemon=True
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------ requests (any thread)
+    def spawn(self, w: ProcessWorker) -> None:
+        with self._lock:
+            self._to_spawn.append(w)
+        self._poke()
+
+    def stop(self, w: ProcessWorker) -> None:
+        with self._lock:
+            w.send_stop()  # no process yet: _start sees w.stopping and never starts it
+        self._poke()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+        self._poke()
+
+    def join(self, timeout: float | None) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    # ------------------------------------------------------------------ the thread
+    def _main(self) -> None:
+        try:
+            self._loop()
+        finally:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._backend.release()
+
+    def _loop(self) -> None:
+        timeout_s = self._backend.start_timeout
+        while True:
+            with self._lock:
+                spawns, self._to_spawn = self._to_spawn, []
+                closing = self._closing
+            for w in spawns:
+                self._start(w)
+            with self._lock:
+                procs = list(self._procs.values())
+                if closing and not procs and not self._to_spawn:
+                    return
+            waitables: list[Any] = [self._wake_r]
+            by_conn: dict[Any, ProcessWorker] = {}
+            by_sentinel: dict[int, ProcessWorker] = {}
+            now = time.monotonic()
+            timeout: float | None = None
+            for w in procs:
+                assert w.conn is not None and w.proc is not None
+                waitables += [w.conn, w.proc.sentinel]
+                by_conn[w.conn] = w
+                by_sentinel[w.proc.sentinel] = w
+                if not w.reported_ready:
+                    left = max(0.0, w.t_spawn + timeout_s - now)
+                    timeout = left if timeout is None else min(timeout, left)
+            ready = multiprocessing.connection.wait(waitables, timeout)
+            dead: list[ProcessWorker] = []
+            for obj in ready:
+                if obj is self._wake_r or obj == self._wake_r:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        os.read(self._wake_r, 4096)
+                elif obj in by_conn:
+                    self._on_message(by_conn[obj])
+                elif obj in by_sentinel:
+                    dead.append(by_sentinel[obj])
+            for w in dead:
+                self._on_exit(w)
+            now = time.monotonic()
+            for w in procs:
+                if not w.reported_ready and w not in dead and now - w.t_spawn > timeout_s:
+                    w.start_error = f"worker did not start within {timeout_s} s"
+                    assert w.proc is not None
+                    with contextlib.suppress(OSError, ValueError):
+                        w.proc.kill()
+
+    def _start(self, w: ProcessWorker) -> None:
+        if w.stopping:
+            self._core.worker_lost(w)
+            return
+        backend = self._backend
+        parent_conn, child_conn = backend.ctx.Pipe(duplex=True)
+        proc = backend.ctx.Process(
+            target=worker_main,
+            args=(child_conn, backend.worker_options(w)),
+            name=f"{backend.name}-worker-{w.wid}",
+            daemon=True,
+        )
+        try:
+            with _environ_lock:
+                env = backend.environment()
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    proc.start()
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+        except BaseException as exc:
+            parent_conn.close()
+            child_conn.close()
+            err = WorkerStartError(
+                f"a worker of {backend.name} could not be started: {type(exc).__name__}: {exc}"
+            )
+            err.__cause__ = exc
+            self._core.worker_lost(w, start_error=err)
+            return
+        child_conn.close()
+        with self._lock:
+            w.proc, w.conn, w.pid = proc, parent_conn, proc.pid
+            w.t_spawn = time.monotonic()
+            self._procs[w.wid] = w
+            if w.stopping:
+                w.send_stop()
+
+    def _on_message(self, w: ProcessWorker) -> None:
+        assert w.conn is not None
+        try:
+            msg = pickle.loads(w.conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the sentinel reports the exit
+        if isinstance(msg, Ready):
+            w.reported_ready = True
+            self._core.worker_ready(w)
+        elif isinstance(msg, StartFailed):
+            w.start_error = msg.traceback  # the process exits; _on_exit reports it
+        elif isinstance(msg, OutOfMemory):
+            w.oom = msg.traceback  # the process exits with OOM_EXIT; _on_exit fails the call
+        else:
+            self._on_reply(w, msg)
+
+    def _on_reply(self, w: ProcessWorker, msg: Any) -> None:
+        item = w.item
+        if item is None:  # cannot happen: each call is sent to a worker reserved for it
+            warnings.warn(
+                f"{self._backend.name}: a reply from worker pid {w.pid} that runs no call "
+                f"was dropped: {type(msg).__name__}",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+            return
+        w.calls += 1
+        t_recv = time.perf_counter()
+        result: Any = None
+        exc: BaseException | None = None
+        if isinstance(msg, Ok):
+            item.compute_s = msg.compute_s
+            try:
+                self._receive_segments(w, msg)
+                result = tr.loads(msg.payload, w.out_seg, msg.table, copy=True)
+            except BaseException as e:
+                exc = SerializationError(
+                    f"the result of {item.name} could not be unpickled in the parent: "
+                    f"{type(e).__name__}: {e}"
+                )
+                exc.__cause__ = e
+        elif isinstance(msg, Raised):
+            exc = msg.error.rebuild()
+        elif isinstance(msg, Unsendable):
+            exc = SerializationError(
+                f"the result of {item.name} could not be pickled in worker pid {w.pid}: {msg.text}"
+            )
+            exc.__cause__ = RemoteTraceback(msg.traceback)
+        else:
+            exc = RuntimeError(f"unexpected message from worker pid {w.pid}: {msg!r}")
+        item.transfer_s += time.perf_counter() - t_recv  # send-side copy + receive-side unpickle
+        limit = self._backend.max_calls_per_worker
+        retire = limit is not None and w.calls >= limit
+        self._core.call_done(w, item, result, exc, retire=retire)
+
+    def _receive_segments(self, w: ProcessWorker, msg: Ok) -> None:
+        if not msg.new:
+            return
+        memfd = self._backend.memfd
+        assert w.conn is not None
+        fds = tr.recv_fds(w.conn, len(msg.new)) if memfd else [None] * len(msg.new)
+        for ref, fd in zip(msg.new, fds, strict=True):
+            w.out_seg = tr.Segment.receive(ref, memfd, fd)  # the previous one is unmapped
+
+    def _on_exit(self, w: ProcessWorker) -> None:
+        proc, conn = w.proc, w.conn
+        assert proc is not None and conn is not None
+        proc.join(1)
+        code = proc.exitcode
+        with self._lock:
+            self._procs.pop(w.wid, None)
+            w.conn = None
+        conn.close()
+        with contextlib.suppress(ValueError):
+            proc.close()  # its sentinel descriptor
+        w.proc = None
+        if w.req_seg is not None:
+            w.req_seg.release()
+        w.req_seg = w.out_seg = None
+        if not self._backend.memfd:
+            tr.unlink_prefix(f"{self._backend.prefix}w{w.wid}_")
+        if w.stopping:
+            self._core.worker_lost(w)
+        elif not w.reported_ready:
+            self._core.worker_lost(w, **self._start_failure(w, code))
+        else:
+            item = w.item
+            err = w.crash_error(item, code) if item is not None else None
+            self._core.worker_lost(w, item_error=err)
+
+    def _start_failure(self, w: ProcessWorker, code: int | None) -> dict[str, Any]:
+        from ._pool import MAIN_GUARD_HELP
+
+        name = self._backend.name
+        if code == MAIN_GUARD_EXIT:
+            return {
+                "start_error": WorkerStartError(
+                    f"the workers of {name} cannot start: {MAIN_GUARD_HELP}"
+                ),
+                "fatal": True,
+            }
+        if w.start_error:
+            return {
+                "start_error": WorkerStartError(
+                    f"a worker of {name} failed to start (exit code {code}):\n{w.start_error}"
+                )
+            }
+        return {
+            "start_error": WorkerStartError(
+                f"a worker of {name} exited with code {code} while starting, before it could "
+                "report anything (a crash in an import, a stray kill, the OOM killer)"
+            ),
+            "reported": False,
+        }
