@@ -36,6 +36,7 @@ import concurrent.futures
 import enum
 import heapq
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -544,9 +545,7 @@ class PoolCore:
                     dropped = list(self._queue)
                     self._queue.clear()
                 if queued is _Queued.FAIL:  # close(): nobody waits for abandoned calls
-                    abandoned = [
-                        (w, w.item) for w in self._all if w.item and w.item.future.done()
-                    ]
+                    abandoned = [(w, w.item) for w in self._all if w.item and w.item.future.done()]
                 if not self._queue:
                     # idle workers stop now; busy ones when their call ends; starting ones too
                     to_stop = [w for w in self._all if w.item is None]
@@ -623,6 +622,16 @@ def _at_exit() -> None:
     for core in cores:
         core.shutdown(wait=True, queued=_Queued.RUN)
 
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's workers: its exit must not wait for them."""
+    global _live_lock
+    _live_lock = threading.Lock()
+    _live_cores.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # Like concurrent.futures: run before non-daemon threads are joined and before atexit
 # hooks, so a hook submitting late is refused instead of hanging.

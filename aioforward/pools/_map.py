@@ -107,7 +107,9 @@ class MapResult(Iterator[T], AsyncIterator[T]):
                 raise StopIteration
         try:
             if self._ordered:
-                fut = self._inflight.popleft()
+                # wait while it is still in flight: a timeout cancels it with the rest
+                result = self._inflight[0].result(self._remaining())
+                self._inflight.popleft()
             else:
                 concurrent.futures.wait(
                     list(self._inflight), self._remaining(), return_when="FIRST_COMPLETED"
@@ -115,8 +117,7 @@ class MapResult(Iterator[T], AsyncIterator[T]):
                 taken = self._take()
                 if taken is None:
                     raise TimeoutError("map() did not finish within its timeout")
-                fut = taken
-            result = fut.result(self._remaining())
+                result = taken.result()
         except BaseException:
             self.close()
             raise
@@ -134,7 +135,8 @@ class MapResult(Iterator[T], AsyncIterator[T]):
         try:
             with anyio.fail_after(self._remaining()):
                 if self._ordered:
-                    result: T = await self._inflight.popleft()
+                    result: T = await self._inflight[0]
+                    self._inflight.popleft()
                 else:
                     while (fut := self._take()) is None:
                         wake, wait = waker()
