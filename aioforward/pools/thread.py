@@ -115,7 +115,11 @@ class ThreadBackend(Backend):
     def new_worker(self, core: PoolCore) -> Worker:
         return _ThreadWorker(core, self, f"{self.name}-{next(self._ids)}")
 
-    def open(self, core: PoolCore) -> None:
+    def claim(self) -> None:
+        """Budget torch's threads from the pool's construction, in the constructing thread:
+        claiming at the first submit would set the count in whichever thread submits first
+        (a Batcher's flusher), leaving the main thread's OpenMP threads spinning at the
+        default count beside the workers (it halved the Batcher's throughput here)."""
         if self.threads_per_worker:
             claim_torch_threads(self._owner, self.threads_per_worker)
 
@@ -217,7 +221,9 @@ class ThreadPool(Pool):
         self.threads_per_worker = threads_per_worker
         self.grad = grad
         name = name or f"aioforward-{self._kind}"
-        super().__init__(self._backend(name), workers=workers, max_queued=max_queued, name=name)
+        backend = self._backend(name)
+        super().__init__(backend, workers=workers, max_queued=max_queued, name=name)
+        backend.claim()
 
     def _backend(self, name: str) -> ThreadBackend:
         return ThreadBackend(name, self.threads_per_worker, self.grad)

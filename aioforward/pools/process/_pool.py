@@ -201,10 +201,14 @@ class ProcessBackend(Backend):
             raise RuntimeError(f"cannot start {self.name}: {MAIN_GUARD_HELP}")
         if not self.memfd:
             tr.sweep_stale()
-        if self.parent_threads is not None:
-            claim_torch_threads(self, self.parent_threads)
         self.shipper.watch(lambda: [w for w in core.live_workers() if isinstance(w, ProcessWorker)])
         self.supervisor = Supervisor(self, core)
+
+    def claim(self) -> None:
+        """``parent_threads``: set this process's torch threads from the pool's construction
+        (in the constructing thread, as ThreadPool does) until it closes."""
+        if self.parent_threads is not None:
+            claim_torch_threads(self, self.parent_threads)
 
     def environment(self) -> dict[str, str]:
         """Variables a worker needs before torch loads (spawn copies ``os.environ``)."""
@@ -421,3 +425,4 @@ class ProcessPool(Pool):
             start_timeout=float(start_timeout),
         )
         super().__init__(backend, workers=workers, max_queued=max_queued, name=name)
+        backend.claim()
