@@ -21,7 +21,7 @@ import torch
 import aioforward as af
 
 from . import models as M
-from .conftest import assert_pool_idle, open_fds
+from .conftest import _in_ray_node, assert_pool_idle, open_fds
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -40,7 +40,8 @@ def snapshot(ray: bool = False) -> tuple[set[str], set[str], set[int], set[str]]
     aioforward threads, child processes (less Ray's), aiofwd /dev/shm entries."""
     fds = {f"{fd}->{t}" for fd, t in open_fds().items() if not (ray and t.startswith("socket:"))}
     threads = {t.name for t in threading.enumerate() if t.name.startswith("aioforward")}
-    children = {p.pid for p in psutil.Process().children(recursive=True) if "ray" not in p.name()}
+    # Ray's raylet starts and keeps worker processes of its own, as it sees fit
+    children = {p.pid for p in psutil.Process().children(recursive=True) if not _in_ray_node(p)}
     shm = {n for n in os.listdir("/dev/shm") if n.startswith("aiofwd")}
     return fds, threads, children, shm
 
