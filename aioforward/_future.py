@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import sniffio
 
+from .errors import add_note
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator, Sequence
 
@@ -145,15 +147,9 @@ async def wait_all(futures: Sequence[ForwardFuture[Any]], labels: Sequence[str])
         try:
             bad.result()
         except BaseException as exc:
-            _add_note(exc, labels[futures.index(bad)])
+            add_note(exc, labels[futures.index(bad)])
             raise
     return [f.result() for f in futures]
-
-
-def _add_note(exc: BaseException, note: str) -> None:
-    add = getattr(exc, "add_note", None)
-    if add is not None:  # Python 3.11+
-        add(note)
 
 
 def _failed(f: concurrent.futures.Future[Any]) -> bool:

@@ -39,6 +39,7 @@ __all__ = [
     "SerializationError",
     "WorkerCrashedError",
     "WorkerStartError",
+    "add_note",
     "encode_exception",
 ]
 
@@ -180,3 +181,13 @@ def encode_exception(exc: BaseException) -> EncodedException:
     except BaseException:
         blob = None
     return EncodedException(blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` where Python has it (3.11+); nothing on 3.10.
+
+    Example: ``add_note(err, "raised by module 1 (Tiny) in run_parallel")``.
+    """
+    add = getattr(exc, "add_note", None)
+    if add is not None:
+        add(note)

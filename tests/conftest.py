@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -160,3 +160,22 @@ def _in_ray_node(p: psutil.Process) -> bool:
 def assert_pool_idle(pool: aioforward.Pool) -> None:
     s = pool.stats()
     assert (s.busy, s.queued) == (0, 0), s
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[Any]:
+    """One local Ray for a test module's RayPools (a Ray start takes seconds), up while the
+    per-test leak check runs (Ray keeps log files and sockets of its own open after
+    ``ray.shutdown()``). Skips with the reason when Ray is not installed."""
+    ray = pytest.importorskip(
+        "ray", reason="Ray is an optional extra: pip install 'aioforward[ray]'"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": root}},  # the actors import tests.models
+    )
+    yield ray
+    ray.shutdown()

@@ -38,23 +38,6 @@ pytestmark = pytest.mark.anyio
 BACKENDS = ["thread", "process", "ray", "cuda"]
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """One local Ray for the module's RayPools (a Ray start takes seconds)."""
-    ray = pytest.importorskip(
-        "ray", reason="Ray is an optional extra: pip install 'aioforward[ray]'"
-    )
-    root = str(Path(__file__).resolve().parent.parent)
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": root}},  # the actors import tests.models
-    )
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(params=BACKENDS)
 def make_pool(request: pytest.FixtureRequest) -> Iterator[Callable[..., af.Pool]]:
     """A factory for pools of one backend; every pool it made is closed after the test."""

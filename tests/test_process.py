@@ -22,7 +22,7 @@ import aioforward as af
 from aioforward.pools._base import START_RETRIES
 
 from . import models as M
-from .conftest import LONG_LIVED_THREADS, assert_pool_idle
+from .conftest import LONG_LIVED_THREADS, assert_pool_idle, open_fds
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -432,7 +432,7 @@ async def test_released_module_is_unmapped_in_the_worker() -> None:
         assert label in Path(f"/proc/{pid}/maps").read_text()
 
         def parent_holds() -> bool:
-            return any(label in target for target in _fds())
+            return any(label in target for target in open_fds().values())
 
         assert parent_holds()  # one descriptor per shipped module, for workers started later
         del m
@@ -442,15 +442,6 @@ async def test_released_module_is_unmapped_in_the_worker() -> None:
                 await anyio.sleep(0.01)
         await pool.forward(M.Echo(), 1)  # carries the drop to the worker
         assert label not in Path(f"/proc/{pid}/maps").read_text()
-
-
-def _fds() -> list[str]:
-    """Where this process's open descriptors point."""
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            out.append(os.readlink(f"/proc/self/fd/{fd}"))
-    return out
 
 
 async def test_s30_soak_random_kills_timeouts_cancels() -> None:

@@ -10,8 +10,7 @@ import gc
 import os
 import random
 import threading
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import psutil
@@ -22,9 +21,6 @@ import aioforward as af
 
 from . import models as M
 from .conftest import _in_ray_node, assert_pool_idle, open_fds
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 pytestmark = [
     pytest.mark.anyio,
@@ -101,23 +97,6 @@ async def test_soak_process_pool_2000_calls() -> None:
         outcomes = await soak(pool, 2000, 100, seed=7)
     assert outcomes["WorkerCrashedError"] > 50 and outcomes["TimeoutError"] > 50, outcomes
     assert snapshot() == before
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[Any]:
-    """A local Ray for the module, so that the per-test leak check runs while it is up (Ray
-    keeps log files and sockets of its own open after ``ray.shutdown()``)."""
-    why = "Ray is an optional extra: pip install 'aioforward[ray]'"
-    ray = pytest.importorskip("ray", reason=why)
-    root = str(Path(__file__).resolve().parent.parent)
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": root}},  # the actors import tests.models
-    )
-    yield ray
-    ray.shutdown()
 
 
 async def test_soak_ray_pool(local_ray: Any) -> None:

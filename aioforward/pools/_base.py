@@ -50,7 +50,7 @@ from .._future import ForwardFuture, wait_all
 from .._registry import register_pool
 from .._stats import Latency, PoolStats, Reservoir
 from .._validate import check_int, check_timeout
-from ..errors import PoolClosedError, QueueFullError, WorkerStartError
+from ..errors import PoolClosedError, QueueFullError, WorkerStartError, add_note
 from ._map import MapResult
 from ._worker import Worker, WorkItem
 
@@ -273,8 +273,8 @@ class PoolCore:
             try:
                 w.start()
             except BaseException as exc:
-                err = exc if isinstance(exc, WorkerStartError) else None
-                self.worker_lost(w, start_error=err or WorkerStartError(f"{exc}"), fatal=True)
+                err = exc if isinstance(exc, WorkerStartError) else WorkerStartError(str(exc))
+                self.worker_lost(w, start_error=err, fatal=True)
                 if not isinstance(exc, Exception):
                     raise
 
@@ -417,7 +417,7 @@ class PoolCore:
                         "before reporting)"
                     )
                     if not reported:
-                        _add_note(err, f"{self._start_failures} starts in a row died this way")
+                        add_note(err, f"{self._start_failures} starts in a row died this way")
                     if fatal:
                         self._fatal = err
                     if (
@@ -592,12 +592,6 @@ class PoolCore:
     def finalize(self) -> None:
         """The ``Pool`` was garbage-collected without ``close()``: finish queued calls, stop."""
         self.shutdown(wait=False, queued=_Queued.RUN)
-
-
-def _add_note(exc: BaseException, note: str) -> None:
-    add = getattr(exc, "add_note", None)
-    if add is not None:  # Python 3.11+
-        add(note)
 
 
 def _complete(fut: ForwardFuture[Any], result: Any, exc: BaseException | None) -> bool:

@@ -42,7 +42,6 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..._call import Call
 from ..._cpus import usable_cpus
 from ..._malloc import MALLOC_ENV
 from ..._validate import check_bool, check_callable, check_int, check_number
@@ -63,6 +62,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from ..._call import Call
     from .._base import PoolCore
 
 __all__ = ["ProcessPool"]
@@ -282,10 +282,6 @@ class ProcessBackend(Backend):
             w.known.add(s.sid)
         if w.req_seg is not None and w.req_seg in new:
             w.req_seg.close_fd()  # the worker has its own descriptor now
-
-    def load(self, modules: tuple[torch.nn.Module | Any, ...]) -> None:
-        for m in modules:
-            self.prepare(Call(m, (), {}))
 
     def reload(self, module: torch.nn.Module) -> None:
         self.shipper.reload(module)

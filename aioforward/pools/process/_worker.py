@@ -1,7 +1,8 @@
 """The worker process's entry point: torch set-up, the initializer, then a loop of calls.
 
-Thread counts are also set in the environment the parent gives the worker
-(``OMP_NUM_THREADS``), since OpenMP reads them when torch first loads.
+Thread counts are set in the environment the parent gives the worker
+(``OMP_NUM_THREADS``), since OpenMP reads them when torch first loads: unpickling this
+entry point imports the ``aioforward`` package, and torch with it, before it runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import threading
 import time
 import traceback
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
 
 from ...errors import WorkerStartError, encode_exception
 from ._messages import (
@@ -27,14 +30,19 @@ from ._messages import (
     Stop,
     Unsendable,
 )
+from ._transport import (
+    Outbox,
+    Segment,
+    ensure_segment,
+    load_module,
+    loads,
+    recv_fds,
+    send_fds,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from multiprocessing.connection import Connection
-
-    import torch
-
-    from ._transport import Segment
 
 
 class WorkerOptions(NamedTuple):
@@ -64,8 +72,6 @@ def worker_main(conn: Connection, opts: WorkerOptions) -> None:
         target=_watch_parent, args=(opts.parent_pid,), name="aioforward-parent-watch", daemon=True
     ).start()
     try:
-        import torch
-
         torch.set_num_threads(opts.threads)
         try:
             torch.set_num_interop_threads(opts.interop_threads)
@@ -95,8 +101,6 @@ class _Server:
         self.out: Segment | None = None  # our own response segment
 
     def serve(self) -> None:
-        from ._transport import Segment, recv_fds
-
         while True:
             try:
                 msg = pickle.loads(self.conn.recv_bytes())
@@ -126,10 +130,6 @@ class _Server:
                 self.segments.pop(sid, None)
 
     def _call(self, msg: CallMsg) -> None:
-        import torch
-
-        from ._transport import Outbox, load_module, loads
-
         t0 = time.perf_counter()
         try:
             if msg.load is not None:
@@ -177,8 +177,6 @@ class _Server:
             self.out.close_fd()  # the parent has its own descriptor now
 
     def _ensure_out(self, size: int) -> tuple[SegmentRef, ...]:
-        from ._transport import ensure_segment
-
         old = self.out
         self.out = ensure_segment(old, f"{self.opts.name}_out", size, self.opts.memfd)
         return () if self.out is old else (self.out.ref,)
@@ -213,8 +211,6 @@ def _send(conn: Connection, msg: Any, fds: list[int] | None = None) -> None:
     try:
         conn.send_bytes(pickle.dumps(msg, protocol=5))
         if fds:
-            from ._transport import send_fds
-
             send_fds(conn, fds)
     except (BrokenPipeError, OSError):
         os._exit(1)
