@@ -18,6 +18,7 @@ from ._api import default_pool as default_pool
 from ._api import forward as forward
 from ._api import run_parallel as run_parallel
 from ._api import set_default_pool as set_default_pool
+from ._api import stream as stream
 from ._call import Call as Call
 from ._call import ModuleSpec as ModuleSpec
 from ._call import call as call
@@ -26,6 +27,7 @@ from ._future import ForwardFuture as ForwardFuture
 from ._malloc import keep_freed_memory as keep_freed_memory
 from ._stats import Latency as Latency
 from ._stats import PoolStats as PoolStats
+from ._stream import ForwardStream as ForwardStream
 from .batching import Batcher as Batcher
 from .batching import BatcherStats as BatcherStats
 from .errors import AioforwardError as AioforwardError
@@ -62,6 +64,7 @@ __all__ = (
     "CudaStreamPool",
     "DeviceError",
     "ForwardFuture",
+    "ForwardStream",
     "LagStats",
     "Latency",
     "LoopLagMonitor",
@@ -85,6 +88,7 @@ __all__ = (
     "keep_freed_memory",
     "run_parallel",
     "set_default_pool",
+    "stream",
     "usable_cpus",
 )
 

@@ -7,10 +7,13 @@ import threading
 from typing import TYPE_CHECKING, Any, Final
 
 from ._call import Call, ModuleSpec, check_module
+from ._stream import DEFAULT_BUFFER, ForwardStream
 from .errors import PoolClosedError
 from .pools._base import Pool, parse_parallel, run_calls
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
     import torch
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "resolve_pool",
     "run_parallel",
     "set_default_pool",
+    "stream",
 ]
 
 
@@ -127,6 +131,28 @@ async def forward(
     """
     check_module(module, "module")
     return await resolve_pool(pool).submit_call(Call(module, args, kwargs), timeout=timeout)
+
+
+def stream(
+    fn: Callable[..., Iterable[Any]] | torch.nn.Module | ModuleSpec,
+    /,
+    *args: Any,
+    pool: Pool | Default = DEFAULT,
+    buffer: int = DEFAULT_BUFFER,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> ForwardStream[Any]:
+    """Stream the items ``fn(*args, **kwargs)`` yields, produced in a pool's worker.
+
+    Example::
+
+        async for token in aioforward.stream(model.generate_tokens, ids, max_new_tokens=32):
+            await websocket.send_text(tokenizer.decode(token))
+
+    See :meth:`Pool.stream` for back-pressure (``buffer``), ``timeout`` and
+    what leaving the loop early does.
+    """
+    return resolve_pool(pool).stream(fn, *args, buffer=buffer, timeout=timeout, **kwargs)
 
 
 async def run_parallel(

@@ -136,12 +136,12 @@ async def wait_all(futures: Sequence[ForwardFuture[Any]], labels: Sequence[str])
         try:
             await wait()
         except BaseException:
-            for f in futures:
+            for f in reversed(futures):  # queued ones first: a freed worker must not start them
                 f.cancel()
             raise
     if first:
         bad = first[0]
-        for f in futures:
+        for f in reversed(futures):
             if f is not bad:
                 f.cancel()
         try:

@@ -43,6 +43,7 @@ class PoolStats:
     queue: Latency
     transfer: Latency
     compute: Latency
+    overran: int = 0
 
 
 class Reservoir:

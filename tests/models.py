@@ -221,3 +221,87 @@ class RecordPid(nn.Module):
         with open(self.path, "a") as f:
             f.write(f"{os.getpid()}\n")
         return os.getpid()
+
+
+# ---------------------------------------------------------------- streaming and cancellation
+def _log(path: str | None, line: str) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def count(n: int, log: str | None = None, size: int = 2, fail_at: int | None = None) -> Any:
+    """Yield ``n`` tensors of ``size`` floats (value i); log each production and the close."""
+    try:
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"failed at item {i}")
+            _log(log, f"made {i}")
+            yield torch.full((size,), float(i))
+    finally:
+        _log(log, "closed")
+
+
+def count_then_exit(n: int) -> Any:
+    yield from range(n)
+    os._exit(3)
+
+
+def count_slowly(n: int, pause: float, log: str | None = None) -> Any:
+    try:
+        for i in range(n):
+            time.sleep(pause)
+            yield i
+    finally:
+        _log(log, "closed")
+
+
+class Counter(nn.Module):
+    """A module whose forward yields, and a generation-like method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, n: int) -> Any:
+        for i in range(n):
+            yield self.lin(torch.full((1, 2), float(i)))
+
+    def generate(self, n: int) -> Any:
+        for i in range(n):
+            yield (i, os.getpid())
+
+
+class Block(nn.Module):
+    """A block (it has a submodule) that takes ``pause`` seconds and logs its entry."""
+
+    def __init__(self, i: int, pause: float, log: str | None) -> None:
+        super().__init__()
+        self.i, self.pause, self.log = i, pause, log
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _log(self.log, f"block {self.i}")
+        time.sleep(self.pause)
+        return self.lin(x)
+
+
+class Blocks(nn.Module):
+    """``n`` blocks of ``pause`` seconds: a forward pass that a cancel can stop midway."""
+
+    def __init__(self, n: int = 24, pause: float = 0.02, log: str | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(i, pause, log) for i in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def entered(log: str) -> list[str]:
+    try:
+        with open(log) as f:
+            return f.read().split("\n")[:-1]
+    except FileNotFoundError:
+        return []

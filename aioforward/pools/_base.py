@@ -49,6 +49,7 @@ from .._call import Call, ModuleSpec, call, check_module, module_name
 from .._future import ForwardFuture, wait_all
 from .._registry import register_pool
 from .._stats import Latency, PoolStats, Reservoir
+from .._stream import DEFAULT_BUFFER, Channel, ForwardStream
 from .._validate import check_int, check_timeout
 from ..errors import PoolClosedError, QueueFullError, WorkerStartError, add_note
 from ._map import MapResult
@@ -91,7 +92,11 @@ class Backend(abc.ABC):
     thread) but never a reference to the :class:`Pool`.
     """
 
-    interrupt_on_cancel = False  # kill the running work of a cancelled call (if workers can)
+    interrupt_on_cancel = False  # interrupt a cancelled call that overran its grace period
+    kill_on_cancel = False  # interrupt a cancelled call at once, without a grace period
+    # Seconds a cancelled or timed-out call has to stop at a block boundary before it counts
+    # as overrun (and is interrupted, where the worker can be).
+    cancel_grace = 1.0
 
     @abc.abstractmethod
     def new_worker(self, core: PoolCore) -> Worker:
@@ -196,6 +201,7 @@ class PoolCore:
         self._queue: deque[WorkItem] = deque()
         self._seq = itertools.count()
         self._completed = self._failed = self._cancelled = self._restarts = 0
+        self._overran = 0
         self._lat_queue, self._lat_transfer, self._lat_compute = (
             Reservoir(),
             Reservoir(),
@@ -208,13 +214,15 @@ class PoolCore:
         self._timer = _Timer(f"{name}-timer")
 
     # ------------------------------------------------------------------ submission
-    def submit(self, c: Call, timeout: float | None) -> ForwardFuture[Any]:
+    def submit(
+        self, c: Call, timeout: float | None, stream: Channel | None = None
+    ) -> ForwardFuture[Any]:
         check_timeout(timeout)
         self._check_open()
         payload = self.backend.prepare(c)
         fut: ForwardFuture[Any] = ForwardFuture()
         deadline = None if timeout is None else time.monotonic() + timeout
-        item = WorkItem(c, fut, deadline, next(self._seq), payload)
+        item = WorkItem(c, fut, deadline, next(self._seq), payload, stream)
         fut._item = item
         worker = None
         with self._lock:
@@ -470,8 +478,9 @@ class PoolCore:
                 item.release_inputs()
                 return
             w = item.worker
-        if self.backend.interrupt_on_cancel and w is not None:
-            w.interrupt(item)
+        if w is not None:
+            b = self.backend
+            self._stop_running(w, item, kill=b.interrupt_on_cancel, now=b.kill_on_cancel)
         self._maybe_closed()
 
     def _expire(self, item: WorkItem) -> None:
@@ -495,6 +504,26 @@ class PoolCore:
             item.release_inputs()
             self._maybe_closed()
         elif w is not None:
+            self._stop_running(w, item, kill=True)
+
+    def _stop_running(self, w: Worker, item: WorkItem, *, kill: bool, now: bool = False) -> None:
+        """A running call was cancelled or timed out: ask it to stop at its next block
+        boundary; if it still runs after the grace period (or ``now``), count it and
+        (``kill``) interrupt it where the worker can be."""
+        item.request_cancel()
+        w.cancel(item)
+        grace = 0.0 if now else self.backend.cancel_grace
+        if grace <= 0:
+            self._overrun(w, item, kill)
+        else:
+            self._timer.call_at(time.monotonic() + grace, lambda: self._overrun(w, item, kill))
+
+    def _overrun(self, w: Worker, item: WorkItem, kill: bool) -> None:
+        with self._lock:
+            if w.item is not item:
+                return  # it stopped in time
+            self._overran += 1
+        if kill:
             w.interrupt(item)
 
     # ------------------------------------------------------------------ waiting
@@ -518,6 +547,7 @@ class PoolCore:
                 failed=self._failed,
                 cancelled=self._cancelled,
                 restarts=self._restarts,
+                overran=self._overran,
                 queue=self._lat_queue.latency(),
                 transfer=self._lat_transfer.latency(),
                 compute=self._lat_compute.latency(),
@@ -748,6 +778,40 @@ class Pool(concurrent.futures.Executor, abc.ABC):
         calls = parse_parallel(modules_and_args, kwargs)
         return await run_calls(self, calls, timeout)
 
+    def stream(
+        self,
+        fn: Callable[..., Iterable[T]] | torch.nn.Module | ModuleSpec,
+        /,
+        *args: Any,
+        buffer: int = DEFAULT_BUFFER,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> ForwardStream[T]:
+        """Run ``fn(*args, **kwargs)``, which returns an iterator, in a worker and stream what
+        it yields: each item reaches the caller as soon as it is produced.
+
+        ``fn`` is a generator function, a method of a module (``model.generate``;
+        a process pool ships the module once, as for :meth:`forward`) or a
+        module whose ``forward`` yields. At most ``buffer`` items wait for the
+        consumer; a slower consumer pauses the producer. ``timeout`` bounds the
+        whole stream. Leaving the loop early, ``close()`` or cancelling the
+        consuming task closes the generator in the worker (its ``finally``
+        runs) and keeps the worker. The stream occupies one worker while it
+        runs, like a call::
+
+            async for token in pool.stream(model.generate, ids, max_new_tokens=32):
+                await send(token)
+        """
+        if not callable(fn) and not isinstance(fn, ModuleSpec):
+            raise TypeError(
+                f"fn must be a generator function, a module or a callable returning an "
+                f"iterator, got {fn!r}"
+            )
+        check_int("buffer", buffer, 1)
+        channel = Channel(buffer)
+        fut = self._core.submit(Call(fn, args, kwargs), timeout, channel)
+        return ForwardStream(fut, channel)
+
     def map(
         self,
         fn: Callable[..., T],
@@ -950,7 +1014,7 @@ async def run_calls(pool: Pool, calls: list[Call], timeout: float | None) -> tup
         for c in calls:
             futures.append(pool.submit_call(c, timeout=timeout))  # noqa: PERF401
     except BaseException:
-        for f in futures:
+        for f in reversed(futures):  # queued ones first: a freed worker must not start them
             f.cancel()
         raise
     labels = [f"raised by module {i} ({c.name}) in run_parallel" for i, c in enumerate(calls)]

@@ -10,6 +10,12 @@ time, can be interrupted, and stops. It reports back by calling the core:
   when the worker must not take another call, e.g. ``max_calls_per_worker``);
 * ``core.worker_lost(w, ...)`` when it died, while starting or running.
 
+A streaming call (``item.stream`` is a :class:`~aioforward._stream.Channel`)
+pushes each item it yields into the channel before ``call_done``. A cancel or
+a timeout calls :meth:`Worker.cancel` first (stop at the next block boundary,
+keeping the worker); only a call still running after the pool's grace period
+is :meth:`Worker.interrupt`-ed.
+
 The core calls ``start``, ``run``, ``interrupt`` and ``stop``; never while
 holding its lock, and ``run`` only on a worker it reserved for that item. This
 is trio-parallel's ``AbstractWorker`` with its ``WorkerCache``, or CPython's
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .._call import Call
     from .._future import ForwardFuture
+    from .._stream import Channel
 
 __all__ = ["WorkItem", "Worker"]
 
@@ -34,12 +41,14 @@ class WorkItem:
 
     __slots__ = (
         "call",
+        "cancel_requested",
         "compute_s",
         "deadline",
         "future",
         "payload",
         "seq",
         "started",
+        "stream",
         "t_start",
         "t_submit",
         "transfer_s",
@@ -47,7 +56,13 @@ class WorkItem:
     )
 
     def __init__(
-        self, c: Call, future: ForwardFuture[Any], deadline: float | None, seq: int, payload: Any
+        self,
+        c: Call,
+        future: ForwardFuture[Any],
+        deadline: float | None,
+        seq: int,
+        payload: Any,
+        stream: Channel | None = None,
     ) -> None:
         self.call = c
         self.future = future
@@ -56,6 +71,8 @@ class WorkItem:
         self.payload = payload  # what the backend prepared at submit (e.g. pickled bytes)
         self.started = False  # a worker was reserved for it
         self.worker: Worker | None = None
+        self.stream = stream  # where a streaming call's items go
+        self.cancel_requested = False  # read by the cancellation hooks (see aioforward._cancel)
         self.t_submit = time.perf_counter()
         self.t_start = 0.0
         self.compute_s = 0.0
@@ -64,6 +81,12 @@ class WorkItem:
     @property
     def name(self) -> str:
         return self.call.name
+
+    def request_cancel(self) -> None:
+        """Ask the running call to stop at its next block boundary (or stream item)."""
+        self.cancel_requested = True
+        if self.stream is not None:
+            self.stream.stop()
 
     def release_inputs(self) -> None:
         """Drop references to the call's arguments (they may be large tensors)."""
@@ -92,6 +115,10 @@ class Worker(abc.ABC):
     @abc.abstractmethod
     def run(self, item: WorkItem) -> None:
         """Begin running ``item``; report ``call_done`` or ``worker_lost`` when it ends."""
+
+    def cancel(self, item: WorkItem) -> None:  # noqa: B027 - optional hook
+        """Tell the worker running ``item`` to stop it cooperatively (``item.cancel_requested``
+        is already set; a thread reads it, a process needs telling)."""
 
     def interrupt(self, item: WorkItem) -> bool:
         """Stop the running ``item`` by force if this kind of worker can (a process can be

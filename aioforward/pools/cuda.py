@@ -128,6 +128,7 @@ class CudaBackend(ThreadBackend):
             weakref.WeakKeyDictionary()
         )
         self._placed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self._no_module = torch.nn.Module()  # the stream key of plain generator functions
 
     def prepare(self, c: Call) -> Any:
         """Check devices in the caller's thread; mark where its inputs are ready."""
@@ -188,6 +189,38 @@ class CudaBackend(ThreadBackend):
                 if isinstance(v, torch.Tensor) and v.device.type == "cuda":
                     v.record_stream(consumer)
         return unflatten(out_spec, iter(out_leaves))
+
+    def stream_items(
+        self,
+        item: WorkItem,
+        fn: Any,
+        module: torch.nn.Module | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """A streaming call on the module's stream; each item is synchronised before the
+        consumer sees it (:meth:`finish_item`)."""
+        ready, leaves, spec = item.payload
+        stream = self.stream(module) if module is not None else self.stream(self._no_module)
+        with torch.cuda.device(self.device):
+            if ready is not None:
+                stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                args, kwargs = unflatten(spec, iter([self.upload(v, stream) for v in leaves]))
+                super().stream_items(item, fn, module, args, kwargs)
+
+    def finish_item(self, value: Any) -> Any:
+        leaves, spec = flatten(value)
+        if self.to_cpu:
+            leaves = [_download(v) for v in leaves]
+        done = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
+        done.record(torch.cuda.current_stream(self.device))
+        done.synchronize()  # the item's kernels (and copies) are finished
+        consumer = torch.cuda.default_stream(self.device)
+        for v in leaves:
+            if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+                v.record_stream(consumer)
+        return unflatten(spec, iter(leaves))
 
     def upload(self, value: Any, stream: torch.cuda.Stream) -> Any:
         if not isinstance(value, torch.Tensor):

@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import _cancel
 from .._call import ModuleSpec
 from .._cpus import usable_cpus
-from .._validate import check_bool, check_int
+from .._validate import check_bool, check_int, check_number
 from ._base import Backend, Pool
 from ._worker import Worker, WorkItem
 
@@ -85,13 +86,16 @@ def _thread_main(
             core.call_done(w, item)
             continue
         t0 = time.perf_counter()
+        _cancel.enter(item)
         try:
             out = backend.execute(item)
         except BaseException as exc:
+            _cancel.leave()
             item.compute_s = time.perf_counter() - t0
             core.call_done(w, item, exc=exc)
             del exc
         else:
+            _cancel.leave()
             item.compute_s = time.perf_counter() - t0
             core.call_done(w, item, out)
             del out  # the thread must not keep the last result alive until its next call
@@ -102,10 +106,19 @@ def _thread_main(
 class ThreadBackend(Backend):
     """Runs calls in this process; shared by the ThreadPool's workers (and CUDA's)."""
 
-    def __init__(self, name: str, threads_per_worker: int, grad: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        threads_per_worker: int,
+        grad: bool,
+        cancel_hooks: bool = True,
+        cancel_grace: float = 1.0,
+    ) -> None:
         self.name = name
         self.threads_per_worker = threads_per_worker
         self.grad = grad
+        self.hooks = _cancel.HookSet() if cancel_hooks else None
+        self.cancel_grace = cancel_grace
         self._ids = itertools.count()
         self._specs: dict[int, tuple[ModuleSpec, torch.nn.Module]] = {}
         self._spec_lock = threading.Lock()
@@ -126,6 +139,8 @@ class ThreadBackend(Backend):
     def close(self) -> None:
         with self._spec_lock:
             self._specs.clear()
+        if self.hooks is not None:
+            self.hooks.remove()
         self._restore = release_torch_threads(self._owner)  # however the pool was closed
 
     def release_caller(self) -> None:
@@ -144,9 +159,56 @@ class ThreadBackend(Backend):
         fn = c.module
         if isinstance(fn, ModuleSpec):
             fn = self.build(fn)
+        module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+        if not isinstance(module, torch.nn.Module):
+            module = None
+        elif self.hooks is not None:
+            self.hooks.install(module)
+        if item.stream is not None:
+            return self.stream_items(item, fn, module, c.args, c.kwargs)
         if isinstance(fn, torch.nn.Module):
             return self.forward(item, fn)
+        if module is not None:  # a method of a module (e.g. generate)
+            with self.grad_mode():
+                return fn(*c.args, **c.kwargs)
         return fn(*c.args, **c.kwargs)
+
+    def grad_mode(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.enable_grad() if self.grad else torch.no_grad()
+
+    def stream_items(
+        self,
+        item: WorkItem,
+        fn: Any,
+        module: torch.nn.Module | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Run a streaming call: push each item ``fn(...)`` yields into the channel, stop
+        when the consumer leaves or the call is cancelled, and close the iterator."""
+        channel = item.stream
+        assert channel is not None
+        mode = self.grad_mode if module is not None else contextlib.nullcontext
+        with mode():
+            it = iter(fn(*args, **kwargs))
+        try:
+            while not item.cancel_requested:
+                with mode():
+                    try:
+                        value = next(it)
+                    except StopIteration:
+                        return
+                if not channel.put(self.finish_item(value)):
+                    return
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                with mode():
+                    close()  # the generator's finally runs here, in the worker
+
+    def finish_item(self, value: Any) -> Any:
+        """Make a yielded item safe to hand to the consumer (the CUDA pool synchronises)."""
+        return value
 
     def forward(self, item: WorkItem, module: torch.nn.Module) -> Any:
         """One forward pass in a worker thread (the CUDA pool adds streams).
@@ -196,6 +258,13 @@ class ThreadPool(Pool):
             torch's process-wide count to it while open (default: usable CPUs //
             workers, at least 1; ``0`` leaves torch's setting untouched).
         grad: run with autograd enabled instead of ``torch.no_grad()``.
+        cancel_hooks: put a forward pre-hook on each block of the modules the
+            pool runs (a submodule with submodules of its own), so that a
+            cancelled or timed-out call stops at its next block and frees its
+            thread (default True; see the README's cancellation section).
+        cancel_grace: seconds a cancelled call has to stop before it counts in
+            ``stats().overran`` (a thread cannot be killed: it keeps its slot
+            until the call ends).
         max_queued: waiting calls allowed before ``QueueFullError`` (default: no limit).
         name: the prefix of the threads' names.
     """
@@ -208,6 +277,8 @@ class ThreadPool(Pool):
         *,
         threads_per_worker: int | None = None,
         grad: bool = False,
+        cancel_hooks: bool = True,
+        cancel_grace: float = 1.0,
         max_queued: int | None = None,
         name: str | None = None,
     ) -> None:
@@ -218,15 +289,21 @@ class ThreadPool(Pool):
             threads_per_worker = max(1, cpus // workers)
         check_int("threads_per_worker", threads_per_worker, 0)
         check_bool("grad", grad)
+        check_bool("cancel_hooks", cancel_hooks)
+        check_number("cancel_grace", cancel_grace)
         self.threads_per_worker = threads_per_worker
         self.grad = grad
+        self.cancel_hooks = cancel_hooks
+        self.cancel_grace = float(cancel_grace)
         name = name or f"aioforward-{self._kind}"
         backend = self._backend(name)
         super().__init__(backend, workers=workers, max_queued=max_queued, name=name)
         backend.claim()
 
     def _backend(self, name: str) -> ThreadBackend:
-        return ThreadBackend(name, self.threads_per_worker, self.grad)
+        return ThreadBackend(
+            name, self.threads_per_worker, self.grad, self.cancel_hooks, self.cancel_grace
+        )
 
 
 def claim_torch_threads(owner: object, n: int) -> None:

@@ -38,7 +38,10 @@ class Load(NamedTuple):
 # ---------------------------------------------------------------- parent -> worker
 class CallMsg(NamedTuple):
     """Run one call. ``request``: the segment holding its large tensors (``table`` says where);
-    ``drops``: module keys to forget first; ``body``: the pickled (module ref, args, kwargs)."""
+    ``drops``: module keys to forget first; ``body``: the pickled (module ref, args, kwargs).
+    ``seq``: the call's number (the parent writes it into the control word to cancel it);
+    ``stream``: for a streaming call, the items the worker may send ahead (its credits);
+    ``control``: the control segment's sid, with the first call only."""
 
     new: tuple[SegmentRef, ...]
     request: int | None
@@ -46,6 +49,20 @@ class CallMsg(NamedTuple):
     drops: tuple[Any, ...]
     load: Load | None
     body: bytes
+    seq: int = 0
+    stream: int = 0
+    control: int | None = None
+
+
+class StreamCtl(NamedTuple):
+    """During streaming call ``seq``: ``credit`` more items may be sent; ``freed``: the
+    response segment was copied out; ``cancel``: stop (the control word says so too, but a
+    worker waiting for credit is woken by this)."""
+
+    seq: int
+    credit: int = 0
+    freed: bool = False
+    cancel: bool = False
 
 
 class Stop(NamedTuple):
@@ -73,6 +90,15 @@ class Ok(NamedTuple):
     table: list[tuple[int, str, tuple[int, ...]]]
     payload: bytes
     compute_s: float
+
+
+class Item(NamedTuple):
+    """One item of a streaming call, encoded like ``Ok``'s payload."""
+
+    new: tuple[SegmentRef, ...]
+    segment: int | None
+    table: list[tuple[int, str, tuple[int, ...]]]
+    payload: bytes
 
 
 class Raised(NamedTuple):

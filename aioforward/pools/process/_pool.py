@@ -34,11 +34,13 @@ started deadlocks), lazily, on the first ``submit``, ``warmup`` or
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import multiprocessing
 import os
 import pickle
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +52,7 @@ from .._base import Backend, Pool
 from .._worker import Worker, WorkItem
 from ..thread import apply_torch_threads, claim_torch_threads, release_torch_threads
 from . import _transport as tr
-from ._messages import MAIN_GUARD_EXIT, OOM_EXIT, CallMsg, Stop
+from ._messages import MAIN_GUARD_EXIT, OOM_EXIT, CallMsg, Stop, StreamCtl
 from ._shipping import ModuleShipper
 from ._supervisor import Supervisor
 from ._worker import WorkerOptions
@@ -98,6 +100,13 @@ class ProcessWorker(Worker):
         self.known: set[int] = set()  # sids of our segments it has mapped
         self.req_seg: tr.Segment | None = None  # our request segment for it
         self.out_seg: tr.Segment | None = None  # its response segment, mapped here
+        # The control word: the seq of a call to stop, read by the worker's cancel hooks.
+        # Created with the first call and kept as long as this handle (never unmapped under
+        # a concurrent cancel()).
+        self.control: tr.Segment | None = None
+        self.control_word: ctypes.c_int64 | None = None
+        self.send_lock = threading.Lock()  # calls, stops and stream credits share the pipe
+        self.stream_error: BaseException | None = None  # a stream item the parent could not read
 
     def start(self) -> None:
         assert self.backend.supervisor is not None
@@ -105,6 +114,25 @@ class ProcessWorker(Worker):
 
     def run(self, item: WorkItem) -> None:
         self.backend.send_call(self, item)
+
+    def cancel(self, item: WorkItem) -> None:
+        word = self.control_word
+        if self.item is item and word is not None:
+            word.value = item.seq  # the worker's next block boundary raises
+        if item.stream is not None:
+            self.send_ctl(StreamCtl(item.seq, cancel=True))  # wakes it if it waits for credit
+
+    def send_ctl(self, msg: StreamCtl) -> None:
+        """A word about a running stream (credits, a freed segment, a cancel), any thread."""
+        data = pickle.dumps(msg)
+        with self.send_lock:
+            conn = self.conn
+            if conn is None:
+                return
+            try:
+                conn.send_bytes(data)
+            except OSError:
+                pass  # the worker is dying: its sentinel reports it
 
     def interrupt(self, item: WorkItem) -> bool:
         proc = self.proc
@@ -125,7 +153,8 @@ class ProcessWorker(Worker):
         if self.conn is not None and not self.stop_sent:
             self.stop_sent = True
             try:
-                self.conn.send_bytes(pickle.dumps(Stop()))
+                with self.send_lock:
+                    self.conn.send_bytes(pickle.dumps(Stop()))
             except OSError:
                 pass  # already gone: its sentinel reports the exit
 
@@ -165,14 +194,19 @@ class ProcessBackend(Backend):
         inline_bytes: int,
         shm_limit: int | None,
         start_timeout: float,
+        cancel_hooks: bool,
+        cancel_grace: float,
     ) -> None:
         self.name = name
+        self.cancel_hooks = cancel_hooks
+        self.cancel_grace = cancel_grace
         self.threads_per_worker = threads_per_worker
         self.interop_threads = interop_threads
         self.initializer = initializer
         self.initargs = initargs
         self.seed = seed
-        self.interrupt_on_cancel = kill_on_cancel
+        self.interrupt_on_cancel = True  # a cancelled call that overran its grace is killed
+        self.kill_on_cancel = kill_on_cancel
         self.max_calls_per_worker = max_calls_per_worker
         self.parent_threads = parent_threads
         self.inline_bytes = inline_bytes
@@ -230,6 +264,7 @@ class ProcessBackend(Backend):
             initargs=self.initargs,
             inline_bytes=self.inline_bytes,
             memfd=self.memfd,
+            cancel_hooks=self.cancel_hooks,
         )
 
     def prepare(self, c: Call) -> Any:
@@ -266,22 +301,39 @@ class ProcessBackend(Backend):
         load, weights, drops = self.shipper.for_worker(w, key, item.name)
         if weights is not None and weights.sid not in w.known:
             new.append(weights)
-        msg = CallMsg(tuple(s.ref for s in new), request, table, drops, load, body)
+        control = None
+        if w.control is None:
+            w.control = tr.Segment.create(f"{self.prefix}w{w.wid}_ctl", 64, memfd=self.memfd)
+            w.control_word = ctypes.c_int64.from_address(w.control.buf.data_ptr())
+            w.control_word.value = -1
+            new.append(w.control)
+            control = w.control.sid
+        stream = 0
+        if item.stream is not None:
+            stream = item.stream.buffer
+            seq = item.seq
+            item.stream.on_take = lambda: w.send_ctl(StreamCtl(seq, credit=1))
+        msg = CallMsg(
+            tuple(s.ref for s in new), request, table, drops, load, body, item.seq, stream, control
+        )
         data = pickle.dumps(msg, protocol=5)
         item.release_inputs()  # the inputs are copied: drop our references to them
         item.transfer_s = time.perf_counter() - t0
         conn = w.conn
         assert conn is not None
         try:
-            conn.send_bytes(data)
-            if new and self.memfd:
-                tr.send_fds(conn, [s.fd for s in new if s.fd is not None])
+            with w.send_lock:
+                conn.send_bytes(data)
+                if new and self.memfd:
+                    tr.send_fds(conn, [s.fd for s in new if s.fd is not None])
         except OSError:
             pass  # the worker is dying; its sentinel fails the call
         for s in new:
             w.known.add(s.sid)
         if w.req_seg is not None and w.req_seg in new:
             w.req_seg.close_fd()  # the worker has its own descriptor now
+        if control is not None:
+            w.control.close_fd()
 
     def reload(self, module: torch.nn.Module) -> None:
         self.shipper.reload(module)
@@ -337,8 +389,15 @@ class ProcessPool(Pool):
         interop_threads: torch inter-op threads per worker (default 1).
         initializer, initargs: called in each worker after torch is set up.
         seed: ``torch.manual_seed(seed)`` in every worker (default: not set).
-        kill_on_cancel: kill and replace a worker whose call is cancelled
-            (frees the slot at once; costs a worker start, about a second).
+        kill_on_cancel: kill and replace the worker of a cancelled call at once,
+            without waiting for a block boundary (costs a worker start).
+        cancel_hooks: put a forward pre-hook on each block of the modules in
+            the workers (a submodule with submodules of its own), so that a
+            cancelled or timed-out call stops at its next block and the worker,
+            its weights and warm memory survive (default True).
+        cancel_grace: seconds a cancelled or timed-out call has to stop at a
+            block boundary; after it the worker is killed and replaced
+            (default 1.0).
         max_calls_per_worker: recycle a worker after this many calls (bounds
             leaks in user code; each recycle costs a worker start).
         max_queued: waiting calls allowed before ``QueueFullError``.
@@ -369,6 +428,8 @@ class ProcessPool(Pool):
         initargs: tuple[Any, ...] = (),
         seed: int | None = None,
         kill_on_cancel: bool = False,
+        cancel_hooks: bool = True,
+        cancel_grace: float = 1.0,
         max_calls_per_worker: int | None = None,
         max_queued: int | None = None,
         parent_threads: int | None = None,
@@ -392,6 +453,8 @@ class ProcessPool(Pool):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r} ({type(seed).__name__})")
         check_bool("kill_on_cancel", kill_on_cancel)
+        check_bool("cancel_hooks", cancel_hooks)
+        check_number("cancel_grace", cancel_grace)
         check_int("max_calls_per_worker", max_calls_per_worker, 1, optional=True)
         check_int("parent_threads", parent_threads, 1, optional=True)
         check_int("inline_bytes", inline_bytes, 0)
@@ -400,6 +463,8 @@ class ProcessPool(Pool):
         self.threads_per_worker = threads_per_worker
         self.interop_threads = interop_threads
         self.kill_on_cancel = kill_on_cancel
+        self.cancel_hooks = cancel_hooks
+        self.cancel_grace = float(cancel_grace)
         self.max_calls_per_worker = max_calls_per_worker
         self.parent_threads = parent_threads
         self.inline_bytes = inline_bytes
@@ -419,6 +484,8 @@ class ProcessPool(Pool):
             inline_bytes=inline_bytes,
             shm_limit=shm_limit,
             start_timeout=float(start_timeout),
+            cancel_hooks=cancel_hooks,
+            cancel_grace=float(cancel_grace),
         )
         super().__init__(backend, workers=workers, max_queued=max_queued, name=name)
         backend.claim()

@@ -60,6 +60,10 @@ class ModuleShipper:
             with self._lock:
                 self._specs[id(fn)] = fn
             return skey, ("spec", skey, fn)
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module) and getattr(owner, fn.__name__, None) == fn:
+            key = self._ship(owner)  # a method of a module: ship the module once
+            return key, ("meth", key, fn.__name__)
         return None, ("fn", fn)
 
     def _ship(self, module: torch.nn.Module) -> ModuleKey:

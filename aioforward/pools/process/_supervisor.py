@@ -26,11 +26,13 @@ from ...errors import RemoteTraceback, SerializationError, WorkerStartError
 from . import _transport as tr
 from ._messages import (
     MAIN_GUARD_EXIT,
+    Item,
     Ok,
     OutOfMemory,
     Raised,
     Ready,
     StartFailed,
+    StreamCtl,
     Unsendable,
 )
 from ._worker import worker_main
@@ -194,6 +196,8 @@ class Supervisor:
             w.start_error = msg.traceback  # the process exits; _on_exit reports it
         elif isinstance(msg, OutOfMemory):
             w.oom = msg.traceback  # the process exits with OOM_EXIT; _on_exit fails the call
+        elif isinstance(msg, Item):
+            self._on_item(w, msg)
         else:
             self._on_reply(w, msg)
 
@@ -231,12 +235,36 @@ class Supervisor:
             exc.__cause__ = RemoteTraceback(msg.traceback)
         else:
             exc = RuntimeError(f"unexpected message from worker pid {w.pid}: {msg!r}")
+        if w.stream_error is not None:
+            exc, w.stream_error, result = w.stream_error, None, None
         item.transfer_s += time.perf_counter() - t_recv  # send-side copy + receive-side unpickle
         limit = self._backend.max_calls_per_worker
         retire = limit is not None and w.calls >= limit
         self._core.call_done(w, item, result, exc, retire=retire)
 
-    def _receive_segments(self, w: ProcessWorker, msg: Ok) -> None:
+    def _on_item(self, w: ProcessWorker, msg: Item) -> None:
+        """One item of a streaming call: copy it out, hand it to the consumer's channel."""
+        item = w.item
+        if item is None or item.stream is None:
+            return  # cannot happen: items come only from a streaming call
+        try:
+            self._receive_segments(w, msg)
+            value = tr.loads(msg.payload, w.out_seg, msg.table, copy=True)
+        except BaseException as e:
+            exc = SerializationError(
+                f"an item streamed by {item.name} could not be unpickled in the parent: "
+                f"{type(e).__name__}: {e}"
+            )
+            exc.__cause__ = e
+            w.stream_error = exc  # the call ends with it
+            item.request_cancel()
+            w.cancel(item)
+            return
+        if msg.table:
+            w.send_ctl(StreamCtl(item.seq, freed=True))  # it may write the next one
+        item.stream.feed(value)
+
+    def _receive_segments(self, w: ProcessWorker, msg: Ok | Item) -> None:
         if not msg.new:
             return
         memfd = self._backend.memfd
@@ -259,6 +287,8 @@ class Supervisor:
         w.proc = None
         if w.req_seg is not None:
             w.req_seg.release()
+        if w.control is not None:
+            w.control.release()  # its mapping stays while the handle lives (see cancel())
         w.req_seg = w.out_seg = None
         if not self._backend.memfd:
             tr.unlink_prefix(f"{self._backend.prefix}w{w.wid}_")

@@ -7,6 +7,7 @@ entry point imports the ``aioforward`` package, and torch with it, before it run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -17,10 +18,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from ... import _cancel
 from ...errors import WorkerStartError, encode_exception
 from ._messages import (
     OOM_EXIT,
     CallMsg,
+    Item,
     Ok,
     OutOfMemory,
     Raised,
@@ -28,6 +31,7 @@ from ._messages import (
     SegmentRef,
     StartFailed,
     Stop,
+    StreamCtl,
     Unsendable,
 )
 from ._transport import (
@@ -57,6 +61,7 @@ class WorkerOptions(NamedTuple):
     initargs: tuple[Any, ...]
     inline_bytes: int
     memfd: bool
+    cancel_hooks: bool
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -106,6 +111,8 @@ class _Server:
                 msg = pickle.loads(self.conn.recv_bytes())
                 if isinstance(msg, Stop):
                     return
+                if isinstance(msg, StreamCtl):
+                    continue  # for a stream that has ended
                 assert isinstance(msg, CallMsg), msg
                 fds = recv_fds(self.conn, len(msg.new)) if self.opts.memfd and msg.new else []
             except (EOFError, OSError):
@@ -114,6 +121,8 @@ class _Server:
                 self.segments[ref.sid] = Segment.receive(
                     ref, self.opts.memfd, fds[i] if fds else None
                 )
+            if msg.control is not None:
+                _cancel.set_process_word(self.segments[msg.control].buf.data_ptr())
             self._forget(msg.drops)
             if msg.request is not None and msg.request != self.request_sid:
                 if self.request_sid is not None:  # it grew: unmap the old one
@@ -131,22 +140,32 @@ class _Server:
 
     def _call(self, msg: CallMsg) -> None:
         t0 = time.perf_counter()
+        _cancel.set_process_seq(msg.seq)
         try:
             if msg.load is not None:
                 key, blob, wsid = msg.load
                 if wsid is not None:
                     self.weights_of[key] = wsid
-                self.modules[key] = load_module(
-                    blob, self.segments[wsid] if wsid is not None else None
+                self.modules[key] = self._hooked(
+                    load_module(blob, self.segments[wsid] if wsid is not None else None)
                 )
             seg = self.segments[msg.request] if msg.request is not None else None
             ref, args, kwargs = loads(msg.body, seg, msg.table, copy=False)
             fn = self._resolve(ref)
-            if isinstance(fn, torch.nn.Module):
-                with torch.inference_mode():  # results are rebuilt as ordinary tensors
-                    out = fn(*args, **kwargs)
+            owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+            # results are rebuilt as ordinary tensors in the parent
+            mode = (
+                torch.inference_mode
+                if isinstance(owner, torch.nn.Module)
+                else contextlib.nullcontext
+            )
+            _cancel.check()  # cancelled while it was on its way
+            if msg.stream:
+                self._stream(msg, fn, args, kwargs, mode)
+                out = None
             else:
-                out = fn(*args, **kwargs)
+                with mode():
+                    out = fn(*args, **kwargs)
             del args, kwargs
         except BaseException as exc:
             if _is_oom(exc):
@@ -154,6 +173,8 @@ class _Server:
                 os._exit(OOM_EXIT)
             _send(self.conn, Raised(encode_exception(exc)))
             return
+        finally:
+            _cancel.set_process_seq(-1)
         compute = time.perf_counter() - t0
         box = Outbox(self.opts.inline_bytes)
         new: tuple[SegmentRef, ...] = ()
@@ -176,6 +197,71 @@ class _Server:
         if new and self.out is not None:
             self.out.close_fd()  # the parent has its own descriptor now
 
+    def _stream(
+        self,
+        msg: CallMsg,
+        fn: Any,
+        args: Any,
+        kwargs: Any,
+        mode: Callable[[], contextlib.AbstractContextManager[Any]],
+    ) -> None:
+        """Send each item ``fn`` yields as an ``Item``, within the credits the parent gives;
+        stop when it is cancelled; close the iterator in any case."""
+        credits = msg.stream
+        segment_busy = False  # the parent has not copied the last item out of self.out yet
+        with mode():
+            it = iter(fn(*args, **kwargs))
+        try:
+            while not _cancel.cancel_requested():
+                with mode():
+                    try:
+                        value = next(it)
+                    except StopIteration:
+                        return
+                box = Outbox(self.opts.inline_bytes)
+                payload = box.dumps(value)
+                size = box.big_bytes()
+                del value
+                while credits == 0 or (size and segment_busy):
+                    ctl = self._control(msg.seq)
+                    if ctl.cancel:
+                        return
+                    credits += ctl.credit
+                    segment_busy = segment_busy and not ctl.freed
+                new: tuple[SegmentRef, ...] = ()
+                table: list[tuple[int, str, tuple[int, ...]]] = []
+                if size:
+                    new = self._ensure_out(size)
+                    assert self.out is not None
+                    table = box.write(self.out)
+                    segment_busy = True
+                sid = self.out.sid if table and self.out is not None else None
+                fds = [self.out.fd] if new and self.out is not None and self.out.fd else []
+                _send(self.conn, Item(new, sid, table, payload), fds)
+                if new and self.out is not None:
+                    self.out.close_fd()
+                credits -= 1
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                with mode():
+                    close()  # the generator's finally runs here
+
+    def _control(self, seq: int) -> StreamCtl:
+        """Wait for the parent's next word about stream ``seq`` (older ones are dropped)."""
+        while True:
+            try:
+                msg = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                os._exit(1)  # the parent is gone
+            if isinstance(msg, StreamCtl) and msg.seq == seq:
+                return msg
+
+    def _hooked(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.opts.cancel_hooks:
+            _cancel.install_hooks(module)
+        return module
+
     def _ensure_out(self, size: int) -> tuple[SegmentRef, ...]:
         old = self.out
         self.out = ensure_segment(old, f"{self.opts.name}_out", size, self.opts.memfd)
@@ -185,11 +271,13 @@ class _Server:
         kind = ref[0]
         if kind == "m":
             return self.modules[ref[1]]
+        if kind == "meth":  # a method of a shipped module (e.g. generate)
+            return getattr(self.modules[ref[1]], ref[2])
         if kind == "spec":
             _, key, spec = ref
             if key not in self.modules:
                 try:
-                    self.modules[key] = spec.build()
+                    self.modules[key] = self._hooked(spec.build())
                 except BaseException as exc:
                     raise WorkerStartError(
                         f"{spec!r} failed in worker pid {os.getpid()}: {type(exc).__name__}: {exc}"
