@@ -176,6 +176,24 @@ def _ray(r: Results) -> list[Target]:
             f"{_ratio(r, 'mlp/serial-1-thread', 'mlp/RayPool'):.2f}x",
             None,
         ),
+        Target(
+            "RayPool: 64 MiB round trip / one clone (bare Ray actor)",
+            "(comparison with Ray actors)",
+            f"{_ratio(r, 'ray/64MiB/RayPool', 'ray/64MiB/clone'):.2f}x "
+            f"({_ratio(r, 'ray/64MiB/ray-actor', 'ray/64MiB/clone'):.2f}x); "
+            f"{r['ray/64MiB/RayPool']['median'] * 1e3:.0f} ms "
+            f"({r['ray/64MiB/ray-actor']['median'] * 1e3:.0f} ms), "
+            f"clone {r['ray/64MiB/clone']['median'] * 1e3:.1f} ms",
+            None,
+        ),
+        Target(
+            "RayPool: all actors ready again after a node loss",
+            "(tests allow 30 s)",
+            f"{r['ray/node-loss/recover']['median']:.2f} s "
+            f"(max {r['ray/node-loss/recover']['max']:.2f} s of "
+            f"{r['ray/node-loss/recover']['n']:.0f})",
+            None,
+        ),
     ]
 
 

@@ -177,6 +177,9 @@ class _Actor:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return alt.direct(self.m, x)
 
+    def echo(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
 
 async def ray_actors(run: Run) -> None:
     """Bare Ray actors, one per module, next to RayPool (ray is an optional extra: without
@@ -197,6 +200,13 @@ async def ray_actors(run: Run) -> None:
         x = _models.INPUTS["tiny"]()
         n_tiny, n_mlp = run.n(500, 100, 20), run.n(10, 3, 2)
         await per_call(run, "asyncio/tiny/ray-actor", lambda: tiny.forward.remote(x), n_tiny)
+        big, n_big = torch.randn(16 << 20), run.n(10, 5, 3)  # 64 MiB
+
+        async def clone() -> None:
+            big.clone()
+
+        await rounds(run, "ray/64MiB/clone", clone, n_big)
+        await rounds(run, "ray/64MiB/ray-actor", lambda: tiny.echo.remote(big), n_big)
         ray.kill(tiny)
         a, b = remote.remote("mlp"), remote.remote("mlp")
         xm = _models.INPUTS["mlp"]()
@@ -213,8 +223,43 @@ async def ray_actors(run: Run) -> None:
             await rp.warmup(m1, m2, example=xm)
             await per_call(run, "asyncio/tiny/RayPool", lambda: rp.forward(mt, x), n_tiny)
             await rounds(run, "mlp/RayPool", lambda: rp.run_parallel(m1, m2, xm), n_mlp)
+            echo = torch.nn.Identity()
+            await rounds(run, "ray/64MiB/RayPool", lambda: rp.forward(echo, big), n_big)
     finally:
         ray.shutdown()
+    await _ray_node_loss(run, ray, RayPool)
+
+
+async def _ray_node_loss(run: Run, ray: Any, pool_cls: Any) -> None:
+    """Seconds from a node's removal until the pool has all its actors ready again, on a
+    ``ray.cluster_utils.Cluster`` of three 1-CPU nodes on this machine (two actors spread,
+    one node spare; the node comes back after each loss)."""
+    from ray.cluster_utils import Cluster
+
+    cluster: Any = Cluster(  # untyped
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
+    )
+    try:
+        for _ in range(3):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        async with pool_cls(workers=2, scheduling_strategy="SPREAD") as rp:
+            await rp.wait_ready(120)
+            ts = []
+            for _ in range(run.n(5, 3, 1)):
+                where = rp.worker_nodes()
+                victim = next(n for n in cluster.worker_nodes if n.node_id in where)
+                t0 = time.perf_counter()
+                cluster.remove_node(victim)
+                while victim.node_id in rp.worker_nodes() or rp.stats().workers < 2:
+                    await asyncio.sleep(0.01)
+                ts.append(time.perf_counter() - t0)
+                cluster.add_node(num_cpus=1)  # a spare again for the next loss
+            record(run, "ray/node-loss/recover", ts)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 async def big_transfer(run: Run) -> None:
