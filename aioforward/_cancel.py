@@ -1,8 +1,8 @@
 """Cooperative cancellation: a running forward pass stops at its next block boundary.
 
 A cancel or a timeout sets a flag for the call; a forward pre-hook on each
-*block* of the module (a submodule that has submodules of its own: a
-transformer layer, a residual stage) checks it and raises
+*block* of the module (a member of an ``nn.ModuleList``/``nn.Sequential`` that
+has submodules of its own: a transformer layer, a residual stage) checks it and raises
 :class:`CallCancelled` inside the worker. The pass unwinds like any exception,
 the worker reports the call ended and takes the next one: its thread or
 process, its weights and its warm memory survive.
@@ -14,11 +14,11 @@ Where the flag lives:
 * a worker process: a 64-bit word in shared memory the parent writes (the
   sequence number of the call to stop), read without a system call.
 
-Leaf layers (``Linear``, ``Conv2d``, ...) get no hook: a hook takes a module
-off torch's fast call path (about 1.5 us per hooked module here), which would
-cost a small model a quarter of its forward pass. A model made only of leaf
-layers is checked once, before it starts; the pool's grace period
-(``cancel_grace``) covers the rest.
+Leaf layers (``Linear``, ``Conv2d``, ...) and the parts inside a block get no
+hook: a hook takes a module off torch's fast call path (about 1.5 us per
+hooked module here), which would cost a small model a quarter of its forward
+pass. A model without such stacked blocks is checked once, before it starts
+(in a process); the pool's grace period (``cancel_grace``) covers the rest.
 """
 
 from __future__ import annotations
@@ -102,11 +102,21 @@ def _pre_hook(module: torch.nn.Module, args: Any) -> None:
 
 
 def blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The submodules whose entry is a cancellation point: those with children of their own.
+    """The submodules whose entry is a cancellation point: the members of a stack
+    (``nn.ModuleList``/``nn.Sequential``) that have submodules of their own, i.e. the
+    repeated layers of a deep model, however deeply nested.
 
-    Example: ``blocks(nn.TransformerEncoder(layer, 24))`` includes the 24 layers.
+    Example: ``blocks(nn.TransformerEncoder(layer, 24))`` is its 24 layers.
     """
-    return [m for m in module.modules() if m is not module and next(m.children(), None)]
+    from torch import nn
+
+    return [
+        child
+        for m in module.modules()
+        if isinstance(m, nn.ModuleList | nn.Sequential)
+        for child in m.children()
+        if next(child.children(), None) is not None
+    ]
 
 
 class HookSet:

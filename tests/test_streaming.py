@@ -313,10 +313,11 @@ async def test_run_parallel_stops_the_sibling_of_a_failed_call(
 
 def test_hooks_go_on_blocks_only_and_leave_with_the_pool() -> None:
     model = M.Blocks(3)
-    assert blocks(model) == [model.blocks, *model.blocks]
+    assert blocks(model) == list(model.blocks)
     assert blocks(M.Tiny()) == []  # leaf layers only: no hook, no cost
     with af.ThreadPool(1) as pool:
         pool.submit(model, torch.zeros(1, 8)).result(30)
         assert all(b._forward_pre_hooks for b in model.blocks)
         assert not model.blocks[0].lin._forward_pre_hooks
+        assert not model._forward_pre_hooks and not model.blocks._forward_pre_hooks
     assert not any(m._forward_pre_hooks for m in model.modules())

@@ -93,3 +93,17 @@ def seed_call(kind: str, x: torch.Tensor) -> Any:
     out = q.get()
     p.join()
     return out
+
+
+def tokens(n: int) -> Any:
+    """A generator of ``n`` one-token tensors, like a decoding loop's output (streaming)."""
+    for i in range(n):
+        yield torch.tensor([i])
+
+
+def blocks24(width: int = 768) -> torch.nn.Module:
+    """24 blocks (each a Linear and a GELU in a Sequential): cancellation stops between them."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        *[torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU()) for _ in range(24)]
+    )

@@ -264,6 +264,63 @@ def _result_mode(r: Results) -> list[Target]:
     return rows
 
 
+def _streaming(r: Results) -> list[Target]:
+    hand_first = r["stream/by-hand/first"]["median"]
+    hand_item = r["stream/by-hand/item"]["median"]
+    rows = []
+    for pool in ("ThreadPool", "ProcessPool"):
+        first, item = r[f"stream/{pool}/first"]["median"], r[f"stream/{pool}/item"]["median"]
+        rows.append(
+            Target(
+                f"stream, 200 items: first item / per item ({pool})",
+                "(comparison with a thread + asyncio.Queue by hand)",
+                f"{first * 1e6:,.0f} us / {item * 1e6:,.1f} us vs {hand_first * 1e6:,.0f} us / "
+                f"{hand_item * 1e6:,.1f} us",
+                None,
+            )
+        )
+    return rows
+
+
+def _cancel(r: Results) -> list[Target]:
+    block = r["cancel/pass"]["block"]
+    rows = []
+    for name in ("ProcessPool", "ThreadPool"):
+        c = r[f"cancel/{name}"]
+        rows.append(
+            Target(
+                f"cancel to free slot, 24-block pass of {r['cancel/pass']['median'] * 1e3:.0f} ms "
+                f"({name})",
+                "<= 2 blocks' time, same worker",
+                f"{c['median'] * 1e3:.1f} ms (max {c['max'] * 1e3:.1f}) = "
+                f"{c['median'] / block:.2f} blocks; worker "
+                f"{'kept' if c['pid_kept'] else 'REPLACED'}",
+                c["max"] <= 2 * block and bool(c["pid_kept"]),
+            )
+        )
+    k = r["cancel/ProcessPool-kill"]
+    rows.append(
+        Target(
+            "cancel by kill and replace (ProcessPool, cancel_hooks=False, kill_on_cancel)",
+            "(comparison: until a new worker is ready)",
+            f"{k['median'] * 1e3:,.0f} ms = {k['median'] / block:,.0f} blocks",
+            None,
+        )
+    )
+    for kind in ("tiny", "transformer"):
+        cost = _ratio(r, f"hooks/{kind}/on", f"hooks/{kind}/off") - 1
+        rows.append(
+            Target(
+                f"cancel hooks' cost, {kind} forward ({r[f'hooks/{kind}/count']['median']:.0f} "
+                "hooks)",
+                "< 2%",
+                f"{cost * 100:+.1f}%",
+                cost < 0.02,
+            )
+        )
+    return rows
+
+
 # (rows' subject, the scenarios whose figures they need, how to build them), in report order.
 _TARGETS: tuple[tuple[str, tuple[str, ...], Callable[[Results], list[Target]]], ...] = (
     ("ThreadPool added per call, tiny (asyncio)", ("overhead-asyncio",), _thread_added("asyncio")),
@@ -282,6 +339,8 @@ _TARGETS: tuple[tuple[str, tuple[str, ...], Callable[[Results], list[Target]]], 
     ("Batcher: 1,000 concurrent requests to mlp", ("batching",), _batching),
     ("CudaStreamPool: 2 small-kernel modules overlapped vs serial", ("cuda",), _cuda),
     ("ordinary results: no_grad vs inference_mode", ("result-mode",), _result_mode),
+    ("pool.stream: first item and per item", ("streaming",), _streaming),
+    ("cooperative cancellation, 24-block pass", ("cancel",), _cancel),
 )
 
 

@@ -437,6 +437,135 @@ async def result_mode(run: Run) -> None:
         )
 
 
+async def streaming(run: Run) -> None:
+    """Time to the first item and cost per item of a 200-item generator: ``pool.stream`` on a
+    ThreadPool and a ProcessPool against the same generator driven by hand from a thread
+    through an ``asyncio.Queue``, in interleaved rounds.
+
+    Example: ``asyncio.run(streaming(Run("smoke")))``.
+    """
+    n_items, n_rounds = 200, run.n(15, 5, 2)
+    loop = asyncio.get_running_loop()
+
+    async def by_hand() -> Any:
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        end = object()
+
+        def produce() -> None:
+            for item in alt.tokens(n_items):
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            loop.call_soon_threadsafe(q.put_nowait, end)
+
+        fut = loop.run_in_executor(None, produce)
+        first = await q.get()
+        yield first
+        while (item := await q.get()) is not end:
+            yield item
+        await fut
+
+    first: dict[str, list[float]] = {}
+    each: dict[str, list[float]] = {}
+    async with ThreadPool(workers=1) as tp, ProcessPool(workers=1) as pp:
+        await pp.wait_ready()
+        variants: dict[str, Callable[[], Any]] = {
+            "stream/by-hand": by_hand,
+            "stream/ThreadPool": lambda: tp.stream(alt.tokens, n_items),
+            "stream/ProcessPool": lambda: pp.stream(alt.tokens, n_items),
+        }
+        for r in range(n_rounds + 1):
+            for name, make in variants.items():
+                t0 = time.perf_counter()
+                it = make().__aiter__()
+                await it.__anext__()
+                t1 = time.perf_counter()
+                count = 1
+                async for _ in it:
+                    count += 1
+                t2 = time.perf_counter()
+                assert count == n_items, (name, count)
+                if r:  # the first round warms up
+                    first.setdefault(name, []).append(t1 - t0)
+                    each.setdefault(name, []).append((t2 - t1) / (n_items - 1))
+    for name in variants:
+        record(run, f"{name}/first", first[name])
+        record(run, f"{name}/item", each[name])
+
+
+async def cancelling(run: Run) -> None:
+    """Cooperative cancellation on a 24-block model: from ``cancel()`` to the slot being free
+    (pid unchanged) on a ProcessPool and a ThreadPool, next to kill-and-replace (the process
+    pool without cancel hooks, ``kill_on_cancel=True``: until a new worker is ready); and the
+    hooks' cost on the tiny and transformer forward passes.
+
+    Example: ``asyncio.run(cancelling(Run("smoke")))``.
+    """
+    from .._cancel import blocks, install_hooks
+
+    model, x = alt.blocks24(1024), torch.randn(1280, 1024)  # a pass of a few hundred ms
+    n = run.n(8, 3, 1)
+
+    async def free_after_cancel(pool: Pool, ready: bool) -> tuple[float, bool]:
+        pids = pool.worker_pids()
+        fut = pool.submit(model, x)
+        await asyncio.sleep(0.1)  # well inside the pass
+        t0 = time.perf_counter()
+        fut.cancel()
+        while pool.stats().busy or (ready and pool.stats().workers < pool.workers):
+            await asyncio.sleep(0.0005)
+        return time.perf_counter() - t0, pool.worker_pids() == pids
+
+    async with (
+        ProcessPool(workers=1) as coop,
+        ProcessPool(workers=1, cancel_hooks=False, kill_on_cancel=True) as kill,
+        ThreadPool(workers=1) as tp,
+    ):
+        for p in (coop, kill, tp):
+            await p.warmup(model, example=x)
+        pass_s = min([timed(lambda: coop.submit(model, x).result()) for _ in range(3)])
+        run.results["cancel/pass"] = {"median": pass_s, "block": pass_s / 24}
+        for name, pool, ready in (
+            ("cancel/ProcessPool", coop, False),
+            ("cancel/ThreadPool", tp, False),
+            ("cancel/ProcessPool-kill", kill, True),
+        ):
+            samples, kept = [], True
+            for _ in range(n):
+                dt, same = await free_after_cancel(pool, ready)
+                samples.append(dt)
+                kept = kept and same
+            record(run, name, samples)
+            run.results[name]["pid_kept"] = float(kept)
+    for kind, reps in (("tiny", run.n(3000, 600, 200)), ("transformer", run.n(100, 30, 10))):
+        m, xin = getattr(_models, kind)(), _models.INPUTS[kind]()
+        targets = blocks(m)
+        install_hooks(m)
+        on = [b._forward_pre_hooks for b in targets]
+        off = [type(d)() for d in on]
+        run.results[f"hooks/{kind}/count"] = {"median": float(len(targets))}
+
+        def with_hooks(
+            dicts: list[Any], m: torch.nn.Module = m, xin: Any = xin, targets: Any = targets
+        ) -> Any:
+            # Both variants swap the blocks' hook dicts, so they pay the same bookkeeping.
+            for b, d in zip(targets, dicts, strict=True):
+                b._forward_pre_hooks = d
+            with torch.no_grad():
+                return m(xin)
+
+        plain = functools.partial(with_hooks, off)
+        hooked = functools.partial(with_hooks, on)
+
+        await interleaved(
+            run,
+            {
+                f"hooks/{kind}/off": (functools.partial(_async, plain), 1),
+                f"hooks/{kind}/on": (functools.partial(_async, hooked), 1),
+            },
+            max(1, reps // 2),
+            block=2,
+        )
+
+
 @dataclass(frozen=True)
 class Scenario:
     """A named part of the bench, run on a fresh event loop of its kind."""
@@ -472,6 +601,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("batching", "Batcher: 1,000 concurrent requests to mlp", batching),
     Scenario("cuda", "CudaStreamPool on a GPU", cuda_streams),
     Scenario("result-mode", "no_grad (ordinary results) vs inference_mode", result_mode),
+    Scenario("streaming", "pool.stream: first item and per item", streaming),
+    Scenario("cancel", "cooperative cancellation of a 24-block pass", cancelling),
     Scenario(
         "overhead-uvloop", "per-call cost, tiny module, uvloop", _on(overhead, "uvloop"), "uvloop"
     ),
