@@ -22,6 +22,7 @@ from ._api import stream as stream
 from ._call import Call as Call
 from ._call import ModuleSpec as ModuleSpec
 from ._call import call as call
+from ._cancel import check_cancelled as check_cancelled
 from ._cpus import usable_cpus as usable_cpus
 from ._future import ForwardFuture as ForwardFuture
 from ._malloc import keep_freed_memory as keep_freed_memory
@@ -83,6 +84,7 @@ __all__ = (
     "WorkerCrashedError",
     "WorkerStartError",
     "call",
+    "check_cancelled",
     "default_pool",
     "forward",
     "keep_freed_memory",

@@ -305,3 +305,20 @@ def entered(log: str) -> list[str]:
             return f.read().split("\n")[:-1]
     except FileNotFoundError:
         return []
+
+
+class Looping(nn.Module):
+    """A long Python loop without submodules, stoppable through ``check_cancelled``."""
+
+    def __init__(self, steps: int, pause: float, log: str) -> None:
+        super().__init__()
+        self.steps, self.pause, self.log = steps, pause, log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import aioforward
+
+        for i in range(self.steps):
+            aioforward.check_cancelled()
+            _log(self.log, f"step {i}")
+            time.sleep(self.pause)
+        return x

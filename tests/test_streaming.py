@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import aioforward as af
-from aioforward._cancel import blocks
+from aioforward._cancel import stacks
 from aioforward.pools.cuda import cuda_unavailable_reason
 
 from . import models as M
@@ -259,6 +259,23 @@ async def test_a_running_forward_stops_at_its_next_block(
         assert (await pool.forward(M.Echo(), 5))[0] == (5,)
 
 
+async def test_check_cancelled_stops_a_loop_of_your_own(
+    make_pool: Callable[..., af.Pool], tmp_path: Path
+) -> None:
+    if kind(make_pool) == "ray":
+        pytest.skip("a running Ray actor task cannot be interrupted: the actor is killed")
+    log = str(tmp_path / "log")
+    async with make_pool(cancel_grace=30) as pool:
+        await pool.wait_ready()
+        fut = pool.submit(M.Looping(500, 0.01, log), torch.zeros(1))
+        await wait_for(lambda: len(M.entered(log)) >= 3)
+        fut.cancel()
+        await wait_idle(pool)
+        assert len(M.entered(log)) < 500
+        assert pool.stats().restarts == 0 and pool.stats().overran == 0
+    af.check_cancelled()  # outside a worker: nothing to stop
+
+
 async def test_a_pass_without_blocks_overruns_its_grace(make_pool: Callable[..., af.Pool]) -> None:
     """No boundary within the grace period: a process is killed and replaced, a thread keeps
     its slot and the pool reports the overrun."""
@@ -276,20 +293,20 @@ async def test_a_pass_without_blocks_overruns_its_grace(make_pool: Callable[...,
             assert pool.stats().restarts == 0
 
 
-async def test_cancel_hooks_off_lets_the_pass_finish(
+async def test_cancel_checks_off_lets_the_pass_finish(
     make_pool: Callable[..., af.Pool], tmp_path: Path
 ) -> None:
     if kind(make_pool) not in ("thread", "process"):
-        pytest.skip("cancel_hooks is an option of the thread and process pools")
+        pytest.skip("cancel_checks is an option of the thread and process pools")
     log = str(tmp_path / "log")
     model = M.Blocks(10, 0.01, log)
-    async with make_pool(cancel_hooks=False, cancel_grace=30) as pool:
+    async with make_pool(cancel_checks=False, cancel_grace=30) as pool:
         await pool.wait_ready()
         with pytest.raises(TimeoutError):
             await pool.forward(model, torch.zeros(1, 8), timeout=0.03)
         await wait_idle(pool)
         assert len(M.entered(log)) == 10
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert type(model.blocks) is torch.nn.ModuleList
 
 
 async def test_run_parallel_stops_the_sibling_of_a_failed_call(
@@ -311,13 +328,16 @@ async def test_run_parallel_stops_the_sibling_of_a_failed_call(
         assert pool.stats().restarts == 0
 
 
-def test_hooks_go_on_blocks_only_and_leave_with_the_pool() -> None:
+def test_stacks_check_while_the_pool_runs_them_and_are_given_back() -> None:
     model = M.Blocks(3)
-    assert blocks(model) == list(model.blocks)
-    assert blocks(M.Tiny()) == []  # leaf layers only: no hook, no cost
+    assert stacks(model) == [model.blocks]
+    assert stacks(M.Tiny()) == []  # no stack: nothing changes, nothing to pay
     with af.ThreadPool(1) as pool:
         pool.submit(model, torch.zeros(1, 8)).result(30)
-        assert all(b._forward_pre_hooks for b in model.blocks)
-        assert not model.blocks[0].lin._forward_pre_hooks
-        assert not model._forward_pre_hooks and not model.blocks._forward_pre_hooks
-    assert not any(m._forward_pre_hooks for m in model.modules())
+        assert type(model.blocks) is not torch.nn.ModuleList
+        assert isinstance(model.blocks, torch.nn.ModuleList)
+        assert isinstance(model.blocks[:2], type(model.blocks))  # a slice keeps checking
+        assert not any(m._forward_pre_hooks for m in model.modules())  # no hooks: fast paths
+        with torch.no_grad():
+            model(torch.zeros(1, 8))  # outside the pool the checks do nothing
+    assert type(model.blocks) is torch.nn.ModuleList

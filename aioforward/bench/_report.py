@@ -301,18 +301,18 @@ def _cancel(r: Results) -> list[Target]:
     k = r["cancel/ProcessPool-kill"]
     rows.append(
         Target(
-            "cancel by kill and replace (ProcessPool, cancel_hooks=False, kill_on_cancel)",
+            "cancel by kill and replace (ProcessPool, cancel_checks=False, kill_on_cancel)",
             "(comparison: until a new worker is ready)",
             f"{k['median'] * 1e3:,.0f} ms = {k['median'] / block:,.0f} blocks",
             None,
         )
     )
     for kind in ("tiny", "transformer"):
-        cost = _ratio(r, f"hooks/{kind}/on", f"hooks/{kind}/off") - 1
+        cost = _ratio(r, f"checks/{kind}/on", f"checks/{kind}/off") - 1
         rows.append(
             Target(
-                f"cancel hooks' cost, {kind} forward ({r[f'hooks/{kind}/count']['median']:.0f} "
-                "hooks)",
+                f"cancellation checks' cost, {kind} forward "
+                f"({r[f'checks/{kind}/count']['median']:.0f} stacks)",
                 "< 2%",
                 f"{cost * 100:+.1f}%",
                 cost < 0.02,

@@ -494,12 +494,12 @@ async def streaming(run: Run) -> None:
 async def cancelling(run: Run) -> None:
     """Cooperative cancellation on a 24-block model: from ``cancel()`` to the slot being free
     (pid unchanged) on a ProcessPool and a ThreadPool, next to kill-and-replace (the process
-    pool without cancel hooks, ``kill_on_cancel=True``: until a new worker is ready); and the
-    hooks' cost on the tiny and transformer forward passes.
+    pool without cancellation checks, ``kill_on_cancel=True``: until a new worker is ready);
+    and the checks' cost on the tiny and transformer forward passes.
 
     Example: ``asyncio.run(cancelling(Run("smoke")))``.
     """
-    from .._cancel import blocks, install_hooks
+    from .._cancel import install_checks, stacks
 
     model, x = alt.blocks24(1024), torch.randn(1280, 1024)  # a pass of a few hundred ms
     n = run.n(8, 3, 1)
@@ -516,7 +516,7 @@ async def cancelling(run: Run) -> None:
 
     async with (
         ProcessPool(workers=1) as coop,
-        ProcessPool(workers=1, cancel_hooks=False, kill_on_cancel=True) as kill,
+        ProcessPool(workers=1, cancel_checks=False, kill_on_cancel=True) as kill,
         ThreadPool(workers=1) as tp,
     ):
         for p in (coop, kill, tp):
@@ -537,29 +537,29 @@ async def cancelling(run: Run) -> None:
             run.results[name]["pid_kept"] = float(kept)
     for kind, reps in (("tiny", run.n(3000, 600, 200)), ("transformer", run.n(100, 30, 10))):
         m, xin = getattr(_models, kind)(), _models.INPUTS[kind]()
-        targets = blocks(m)
-        install_hooks(m)
-        on = [b._forward_pre_hooks for b in targets]
-        off = [type(d)() for d in on]
-        run.results[f"hooks/{kind}/count"] = {"median": float(len(targets))}
+        found = stacks(m)
+        run.results[f"checks/{kind}/count"] = {"median": float(len(found))}
+        plain_cls = [type(s) for s in found]
+        install_checks(m)
+        checked_cls = [type(s) for s in found]
 
-        def with_hooks(
-            dicts: list[Any], m: torch.nn.Module = m, xin: Any = xin, targets: Any = targets
+        def under(
+            classes: list[type[torch.nn.Module]],
+            m: torch.nn.Module = m,
+            xin: Any = xin,
+            found: list[torch.nn.Module] = found,
         ) -> Any:
-            # Both variants swap the blocks' hook dicts, so they pay the same bookkeeping.
-            for b, d in zip(targets, dicts, strict=True):
-                b._forward_pre_hooks = d
+            # Both variants set the stacks' classes, so they pay the same bookkeeping.
+            for s, cls in zip(found, classes, strict=True):
+                s.__class__ = cls
             with torch.no_grad():
                 return m(xin)
-
-        plain = functools.partial(with_hooks, off)
-        hooked = functools.partial(with_hooks, on)
 
         await interleaved(
             run,
             {
-                f"hooks/{kind}/off": (functools.partial(_async, plain), 1),
-                f"hooks/{kind}/on": (functools.partial(_async, hooked), 1),
+                f"checks/{kind}/off": (functools.partial(_async, under, plain_cls), 1),
+                f"checks/{kind}/on": (functools.partial(_async, under, checked_cls), 1),
             },
             max(1, reps // 2),
             block=2,

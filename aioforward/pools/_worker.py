@@ -72,7 +72,7 @@ class WorkItem:
         self.started = False  # a worker was reserved for it
         self.worker: Worker | None = None
         self.stream = stream  # where a streaming call's items go
-        self.cancel_requested = False  # read by the cancellation hooks (see aioforward._cancel)
+        self.cancel_requested = False  # read by the cancellation checks (aioforward._cancel)
         self.t_submit = time.perf_counter()
         self.t_start = 0.0
         self.compute_s = 0.0

@@ -111,13 +111,13 @@ class ThreadBackend(Backend):
         name: str,
         threads_per_worker: int,
         grad: bool,
-        cancel_hooks: bool = True,
+        cancel_checks: bool = True,
         cancel_grace: float = 1.0,
     ) -> None:
         self.name = name
         self.threads_per_worker = threads_per_worker
         self.grad = grad
-        self.hooks = _cancel.HookSet() if cancel_hooks else None
+        self.checks = _cancel.Checks() if cancel_checks else None
         self.cancel_grace = cancel_grace
         self._ids = itertools.count()
         self._specs: dict[int, tuple[ModuleSpec, torch.nn.Module]] = {}
@@ -139,8 +139,8 @@ class ThreadBackend(Backend):
     def close(self) -> None:
         with self._spec_lock:
             self._specs.clear()
-        if self.hooks is not None:
-            self.hooks.remove()
+        if self.checks is not None:
+            self.checks.remove()
         self._restore = release_torch_threads(self._owner)  # however the pool was closed
 
     def release_caller(self) -> None:
@@ -162,8 +162,8 @@ class ThreadBackend(Backend):
         module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
         if not isinstance(module, torch.nn.Module):
             module = None
-        elif self.hooks is not None:
-            self.hooks.install(module)
+        elif self.checks is not None:
+            self.checks.install(module)
         if item.stream is not None:
             return self.stream_items(item, fn, module, c.args, c.kwargs)
         if isinstance(fn, torch.nn.Module):
@@ -258,10 +258,11 @@ class ThreadPool(Pool):
             torch's process-wide count to it while open (default: usable CPUs //
             workers, at least 1; ``0`` leaves torch's setting untouched).
         grad: run with autograd enabled instead of ``torch.no_grad()``.
-        cancel_hooks: put a forward pre-hook on each block of the modules the
-            pool runs (a submodule with submodules of its own), so that a
-            cancelled or timed-out call stops at its next block and frees its
-            thread (default True; see the README's cancellation section).
+        cancel_checks: make the stacks of the modules the pool runs
+            (``nn.ModuleList``/``nn.Sequential``) check for cancellation before
+            each member, so that a cancelled or timed-out call stops at its next
+            block and frees its thread (default True; given back at close; see
+            the README's cancellation section).
         cancel_grace: seconds a cancelled call has to stop before it counts in
             ``stats().overran`` (a thread cannot be killed: it keeps its slot
             until the call ends).
@@ -277,7 +278,7 @@ class ThreadPool(Pool):
         *,
         threads_per_worker: int | None = None,
         grad: bool = False,
-        cancel_hooks: bool = True,
+        cancel_checks: bool = True,
         cancel_grace: float = 1.0,
         max_queued: int | None = None,
         name: str | None = None,
@@ -289,11 +290,11 @@ class ThreadPool(Pool):
             threads_per_worker = max(1, cpus // workers)
         check_int("threads_per_worker", threads_per_worker, 0)
         check_bool("grad", grad)
-        check_bool("cancel_hooks", cancel_hooks)
+        check_bool("cancel_checks", cancel_checks)
         check_number("cancel_grace", cancel_grace)
         self.threads_per_worker = threads_per_worker
         self.grad = grad
-        self.cancel_hooks = cancel_hooks
+        self.cancel_checks = cancel_checks
         self.cancel_grace = float(cancel_grace)
         name = name or f"aioforward-{self._kind}"
         backend = self._backend(name)
@@ -302,7 +303,7 @@ class ThreadPool(Pool):
 
     def _backend(self, name: str) -> ThreadBackend:
         return ThreadBackend(
-            name, self.threads_per_worker, self.grad, self.cancel_hooks, self.cancel_grace
+            name, self.threads_per_worker, self.grad, self.cancel_checks, self.cancel_grace
         )
 
 

@@ -100,7 +100,7 @@ class ProcessWorker(Worker):
         self.known: set[int] = set()  # sids of our segments it has mapped
         self.req_seg: tr.Segment | None = None  # our request segment for it
         self.out_seg: tr.Segment | None = None  # its response segment, mapped here
-        # The control word: the seq of a call to stop, read by the worker's cancel hooks.
+        # The control word: the seq of a call to stop, read by the worker's cancellation checks.
         # Created with the first call and kept as long as this handle (never unmapped under
         # a concurrent cancel()).
         self.control: tr.Segment | None = None
@@ -176,6 +176,23 @@ class ProcessWorker(Worker):
         )
 
 
+class _Credits:
+    """Give a streaming worker its places back as the consumer takes items, half a buffer at
+    a time: one message per ``buffer // 2`` items instead of one per item. It never stalls:
+    once the consumer has taken all it was sent, at least ``buffer`` places were returned."""
+
+    def __init__(self, w: ProcessWorker, seq: int, buffer: int) -> None:
+        self._w, self._seq = w, seq
+        self._every = max(1, buffer // 2)
+        self._taken = 0
+
+    def take(self) -> None:  # the consumer's thread, one at a time
+        self._taken += 1
+        if self._taken >= self._every:
+            credit, self._taken = self._taken, 0
+            self._w.send_ctl(StreamCtl(self._seq, credit=credit))
+
+
 class ProcessBackend(Backend):
     """Options and shared state of one ProcessPool (no reference to the pool)."""
 
@@ -194,11 +211,11 @@ class ProcessBackend(Backend):
         inline_bytes: int,
         shm_limit: int | None,
         start_timeout: float,
-        cancel_hooks: bool,
+        cancel_checks: bool,
         cancel_grace: float,
     ) -> None:
         self.name = name
-        self.cancel_hooks = cancel_hooks
+        self.cancel_checks = cancel_checks
         self.cancel_grace = cancel_grace
         self.threads_per_worker = threads_per_worker
         self.interop_threads = interop_threads
@@ -264,7 +281,7 @@ class ProcessBackend(Backend):
             initargs=self.initargs,
             inline_bytes=self.inline_bytes,
             memfd=self.memfd,
-            cancel_hooks=self.cancel_hooks,
+            cancel_checks=self.cancel_checks,
         )
 
     def prepare(self, c: Call) -> Any:
@@ -311,8 +328,7 @@ class ProcessBackend(Backend):
         stream = 0
         if item.stream is not None:
             stream = item.stream.buffer
-            seq = item.seq
-            item.stream.on_take = lambda: w.send_ctl(StreamCtl(seq, credit=1))
+            item.stream.on_take = _Credits(w, item.seq, stream).take
         msg = CallMsg(
             tuple(s.ref for s in new), request, table, drops, load, body, item.seq, stream, control
         )
@@ -391,10 +407,11 @@ class ProcessPool(Pool):
         seed: ``torch.manual_seed(seed)`` in every worker (default: not set).
         kill_on_cancel: kill and replace the worker of a cancelled call at once,
             without waiting for a block boundary (costs a worker start).
-        cancel_hooks: put a forward pre-hook on each block of the modules in
-            the workers (a submodule with submodules of its own), so that a
-            cancelled or timed-out call stops at its next block and the worker,
-            its weights and warm memory survive (default True).
+        cancel_checks: make the stacks of the modules in the workers
+            (``nn.ModuleList``/``nn.Sequential``) check for cancellation before
+            each member, so that a cancelled or timed-out call stops at its next
+            block and the worker, its weights and warm memory survive (default
+            True).
         cancel_grace: seconds a cancelled or timed-out call has to stop at a
             block boundary; after it the worker is killed and replaced
             (default 1.0).
@@ -428,7 +445,7 @@ class ProcessPool(Pool):
         initargs: tuple[Any, ...] = (),
         seed: int | None = None,
         kill_on_cancel: bool = False,
-        cancel_hooks: bool = True,
+        cancel_checks: bool = True,
         cancel_grace: float = 1.0,
         max_calls_per_worker: int | None = None,
         max_queued: int | None = None,
@@ -453,7 +470,7 @@ class ProcessPool(Pool):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r} ({type(seed).__name__})")
         check_bool("kill_on_cancel", kill_on_cancel)
-        check_bool("cancel_hooks", cancel_hooks)
+        check_bool("cancel_checks", cancel_checks)
         check_number("cancel_grace", cancel_grace)
         check_int("max_calls_per_worker", max_calls_per_worker, 1, optional=True)
         check_int("parent_threads", parent_threads, 1, optional=True)
@@ -463,7 +480,7 @@ class ProcessPool(Pool):
         self.threads_per_worker = threads_per_worker
         self.interop_threads = interop_threads
         self.kill_on_cancel = kill_on_cancel
-        self.cancel_hooks = cancel_hooks
+        self.cancel_checks = cancel_checks
         self.cancel_grace = float(cancel_grace)
         self.max_calls_per_worker = max_calls_per_worker
         self.parent_threads = parent_threads
@@ -484,7 +501,7 @@ class ProcessPool(Pool):
             inline_bytes=inline_bytes,
             shm_limit=shm_limit,
             start_timeout=float(start_timeout),
-            cancel_hooks=cancel_hooks,
+            cancel_checks=cancel_checks,
             cancel_grace=float(cancel_grace),
         )
         super().__init__(backend, workers=workers, max_queued=max_queued, name=name)

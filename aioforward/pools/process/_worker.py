@@ -61,7 +61,7 @@ class WorkerOptions(NamedTuple):
     initargs: tuple[Any, ...]
     inline_bytes: int
     memfd: bool
-    cancel_hooks: bool
+    cancel_checks: bool
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -159,7 +159,7 @@ class _Server:
                 if isinstance(owner, torch.nn.Module)
                 else contextlib.nullcontext
             )
-            _cancel.check()  # cancelled while it was on its way
+            _cancel.check_cancelled()  # cancelled while it was on its way
             if msg.stream:
                 self._stream(msg, fn, args, kwargs, mode)
                 out = None
@@ -258,8 +258,8 @@ class _Server:
                 return msg
 
     def _hooked(self, module: torch.nn.Module) -> torch.nn.Module:
-        if self.opts.cancel_hooks:
-            _cancel.install_hooks(module)
+        if self.opts.cancel_checks:
+            _cancel.install_checks(module)
         return module
 
     def _ensure_out(self, size: int) -> tuple[SegmentRef, ...]:
