@@ -24,9 +24,9 @@ Where the flag lives:
 * a worker process: a 64-bit word in shared memory the parent writes (the
   sequence number of the call to stop), read without a system call.
 
-A model without stacks (a few layers called by name) is checked once, before
-it starts, in a process; the pool's grace period (``cancel_grace``) covers the
-rest.
+A model without stacks (a few layers called by name, or a plain
+``nn.Sequential`` of leaf layers) is checked once, before it starts, in a
+process; the pool's grace period (``cancel_grace``) covers the rest.
 """
 
 from __future__ import annotations
@@ -133,12 +133,19 @@ _ORIGINAL = {v: k for k, v in _CHECKED.items()}
 
 
 def stacks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The stacks of ``module`` (exact ``nn.ModuleList``/``nn.Sequential`` instances, the
-    root included) whose members are cancellation points.
+    """The stacks of ``module`` (exact ``nn.ModuleList``/``nn.Sequential`` instances) whose
+    members are cancellation points. The module itself counts only when some member has
+    submodules: a small ``nn.Sequential`` of leaf layers would pay a tenth of its forward
+    pass for checks it does not need (it is checked when it starts).
 
     Example: ``stacks(nn.TransformerEncoder(layer, 24)) == [encoder.layers]``.
     """
-    return [m for m in module.modules() if type(m) in _CHECKED or type(m) in _ORIGINAL]
+    return [
+        m
+        for m in module.modules()
+        if (type(m) in _CHECKED or type(m) in _ORIGINAL)
+        and (m is not module or any(next(c.children(), None) is not None for c in m.children()))
+    ]
 
 
 def install_checks(module: torch.nn.Module) -> list[torch.nn.Module]:

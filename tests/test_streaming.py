@@ -332,6 +332,11 @@ def test_stacks_check_while_the_pool_runs_them_and_are_given_back() -> None:
     model = M.Blocks(3)
     assert stacks(model) == [model.blocks]
     assert stacks(M.Tiny()) == []  # no stack: nothing changes, nothing to pay
+    flat = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    assert stacks(flat) == []  # leaves only: the checks would cost more than they give
+    flat2 = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    outer = torch.nn.Sequential(flat, flat2)  # blocks in a stack: every stack checks
+    assert stacks(outer) == [outer, flat, flat2]
     with af.ThreadPool(1) as pool:
         pool.submit(model, torch.zeros(1, 8)).result(30)
         assert type(model.blocks) is not torch.nn.ModuleList
