@@ -46,10 +46,11 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
         y = await fut                    # or fut.result(timeout=5) from sync code
 
     Cancellation: :meth:`cancel` succeeds until the result is set. A queued call
-    is removed and never runs. A running call cannot be interrupted inside a
-    thread or on a GPU: the caller is released at once, the result is discarded
-    and the pool keeps the slot busy until the work really ends. A process pool
-    created with ``kill_on_cancel=True`` kills and replaces the worker instead.
+    is removed and never runs. A running call releases the caller at once and
+    is stopped at its next block boundary in the worker, which survives; where
+    no boundary comes within the pool's grace period, a process pool kills and
+    replaces the worker, and a thread or a GPU kernel keeps its slot until the
+    work ends.
     """
 
     # The pool's work item, set by the pool before the future is handed out.

@@ -693,13 +693,13 @@ class Pool(concurrent.futures.Executor, abc.ABC):
     gets :class:`~aioforward.QueueFullError` at once.
 
     Cancellation: a queued call that is cancelled never runs. A running call is
-    released at once; its result is discarded and its worker stays busy until
-    the work ends (a backend that can kill the work, like ``ProcessPool`` with
-    ``kill_on_cancel=True``, does so).
+    released at once and stopped cooperatively at its next block boundary (see
+    :mod:`aioforward._cancel`), keeping its worker; one that does not stop
+    within the pool's ``cancel_grace`` counts in ``stats().overran``, and a
+    process pool then kills and replaces its worker.
 
     Timeouts: ``timeout=`` counts from submission; when it expires the caller
-    gets the built-in :class:`TimeoutError` and the backend stops the work if it
-    can (a process pool kills and replaces the worker).
+    gets the built-in :class:`TimeoutError` and the call is stopped as above.
 
     Attribute ``workers``: the calls the pool runs at once when all its workers
     are up (its capacity).

@@ -78,9 +78,10 @@ class CudaStreamPool(ThreadPool):
     Device policy: a module must already be on ``device`` (a ``ModuleSpec`` is
     built and moved there); CPU tensors in the inputs are copied to ``device``;
     a tensor on another CUDA device raises ``DeviceError`` naming both devices,
-    at ``submit``, before a slot is reserved. Cancellation cannot stop kernels
-    already launched: the caller is released at once and the slot returns when
-    the GPU is done (as in every pool).
+    at ``submit``, before a slot is reserved. Cancellation stops launching at the
+    module's next block (as in every pool) but cannot stop kernels already
+    launched: the caller is released at once and the slot returns when the GPU
+    is done with them.
     """
 
     _kind = "cuda"
