@@ -107,3 +107,70 @@ def blocks24(width: int = 768) -> torch.nn.Module:
     return torch.nn.Sequential(
         *[torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU()) for _ in range(24)]
     )
+
+
+def echo_main(conn: Any) -> None:
+    """A spawned process that sends back every message: the floor of a pipe round trip.
+
+    Example: ``ctx.Process(target=echo_main, args=(child_conn,)).start()``.
+    """
+    try:
+        while data := conn.recv_bytes():
+            conn.send_bytes(data)
+    except EOFError:
+        pass
+
+
+def limit_init(kind: str) -> None:
+    """Initializer of a bare single-threaded process holding one module and its input (the
+    limit of two modules at once: pure compute, nothing moved per call).
+
+    Example: ``ProcessPoolExecutor(2, initializer=limit_init, initargs=("mlp",))``.
+    """
+    global _pe_module, _limit_x
+    torch.set_num_threads(1)
+    _pe_module = build(kind)
+    _limit_x = _models.INPUTS[kind]()
+
+
+_limit_x: Any = None
+
+
+def limit_run(times: int) -> int:
+    """Run the process's module ``times`` times on its own input; return the pid.
+
+    Example: ``await loop.run_in_executor(executor, limit_run, 2)``.
+    """
+    assert _pe_module is not None, "limit_run needs limit_init as the initializer"
+    with torch.inference_mode():
+        for _ in range(times):
+            _pe_module(_limit_x)
+    return os.getpid()
+
+
+def _into_shared(kind: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    with torch.inference_mode():
+        out.copy_(build(kind)(x))
+
+
+def seed_shared_call(kind: str, x: torch.Tensor, out: torch.Tensor) -> Any:
+    """The seed's example 2: a process per call that rebuilds the module and writes into an
+    output tensor the parent put in shared memory (``share_memory_()``); returns a process
+    already started: ``join()`` it, then read ``out``.
+
+    Example: ``p = seed_shared_call("tiny", x, out); p.join()``.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    p = ctx.Process(target=_into_shared, args=(kind, x, out))
+    p.start()
+    return p
+
+
+def manager_run(module: torch.nn.Module, x: torch.Tensor, q: Any, tag: int) -> None:
+    """The seed's example 3, in the worker: run the module sent with the call and put the
+    result on a ``Manager().Queue()``.
+
+    Example: ``executor.submit(manager_run, module, x, queue, 0)``.
+    """
+    with torch.inference_mode():
+        q.put((tag, module(x).numpy()))

@@ -61,20 +61,44 @@ def _process_round_trip(r: Results) -> list[Target]:
     pp = r["asyncio/tiny/ProcessPool"]["median"]
     to_process = r["asyncio/tiny/anyio.to_process"]["median"]
     executor = r["asyncio/tiny/ProcessPoolExecutor"]["median"]
+    floor = r["asyncio/tiny/pipe-floor"]["median"]
     return [
+        Target(
+            "ProcessPool round trip, tiny, vs a bare loop-driven pipe round trip (asyncio)",
+            "<= 3x",
+            f"{pp / floor:.1f}x ({pp * 1e6:.0f} us vs {floor * 1e6:.0f} us)",
+            pp <= 3 * floor,
+        ),
         Target(
             "ProcessPool round trip, tiny (asyncio)",
             "<= 100 us; beat anyio.to_process",
             f"{pp * 1e6:.0f} us; to_process {to_process * 1e6:.0f} us,"
             f" ProcessPoolExecutor {executor * 1e6:.0f} us",
             pp <= 100e-6,
-        )
+        ),
     ]
 
 
 def _seed(r: Results) -> list[Target]:
     x = _ratio(r, "asyncio/tiny/seed-process-per-call", "asyncio/tiny/ProcessPool")
-    return [Target("seed approach / ProcessPool per call", ">= 10,000x", f"{x:,.0f}x", x >= 10_000)]
+    rows = [Target("seed approach / ProcessPool per call", ">= 10,000x", f"{x:,.0f}x", x >= 10_000)]
+    pp_call = r["asyncio/tiny/ProcessPool"]["median"]
+    pp_two = r["seed/ProcessPool-two-modules"]["median"]
+    for ex, what in (
+        ("seed2", "seed example 2 (a process per call, share_memory_() outputs)"),
+        ("seed3", "seed example 3 (an executor, results on a Manager queue)"),
+    ):
+        call, two = r[f"{ex}/per-call"]["median"], r[f"{ex}/two-modules"]["median"]
+        rows.append(
+            Target(
+                f"{what}: per call / two tiny modules, vs ProcessPool",
+                "beaten (ProcessPool faster)",
+                f"{call * 1e3:,.1f} ms / {two * 1e3:,.1f} ms vs {pp_call * 1e3:,.2f} ms / "
+                f"{pp_two * 1e3:,.2f} ms ({call / pp_call:,.0f}x / {two / pp_two:,.0f}x)",
+                call > pp_call and two > pp_two,
+            )
+        )
+    return rows
 
 
 def _parallel(kind: str) -> Callable[[Results], list[Target]]:
@@ -90,6 +114,15 @@ def _parallel(kind: str) -> Callable[[Results], list[Target]]:
                         ">= 1.85x",
                         f"{s:.2f}x",
                         s >= 1.85,
+                    )
+                )
+                limit = _ratio(r, "mlp/bare-one-process", "mlp/bare-two-processes")
+                out.append(
+                    Target(
+                        f"run_parallel 2 x mlp, {pool}: speed-up vs the bare-process limit",
+                        ">= 0.95x",
+                        f"{s / limit:.2f}x ({s:.2f}x vs two bare processes {limit:.2f}x)",
+                        s / limit >= 0.95,
                     )
                 )
             out.append(

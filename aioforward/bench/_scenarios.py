@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import multiprocessing
 import statistics
@@ -27,7 +28,7 @@ from . import _alternatives as alt
 from ._measure import Run, Skip, interleaved, lag_during, per_call, record, rounds, timed
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import AsyncIterator, Callable, Coroutine
 
     from ..pools._base import Pool
 
@@ -46,7 +47,7 @@ async def overhead(run: Run, loop_name: str) -> None:
     m, x = _models.tiny(), _models.INPUTS["tiny"]()
     loop = asyncio.get_running_loop()
     spawn = multiprocessing.get_context("spawn")
-    async with ThreadPool(workers=2) as tp, ProcessPool(workers=2) as pp:
+    async with ThreadPool(workers=2) as tp, ProcessPool(workers=2) as pp, _echo(spawn) as pipe:
         await pp.warmup(m, example=x)
         with concurrent.futures.ProcessPoolExecutor(
             2, mp_context=spawn, initializer=alt.pe_init, initargs=("tiny",)
@@ -55,6 +56,7 @@ async def overhead(run: Run, loop_name: str) -> None:
             await interleaved(
                 run,
                 {
+                    p + "pipe-floor": (pipe, 1),
                     p + "direct": (lambda: _async(alt.direct, m, x), 1),
                     p + "to_thread": (lambda: asyncio.to_thread(alt.direct, m, x), 1),
                     p + "ThreadPool": (lambda: tp.forward(m, x), 1),
@@ -70,6 +72,41 @@ async def overhead(run: Run, loop_name: str) -> None:
             )
 
 
+@contextlib.asynccontextmanager
+async def _echo(ctx: Any) -> AsyncIterator[Callable[[], Any]]:
+    """A spawned echo process and a round trip to it driven by the event loop (``add_reader``):
+    the floor under any process pool's round trip."""
+    loop = asyncio.get_running_loop()
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=alt.echo_main, args=(child,), daemon=True)
+    proc.start()
+    child.close()
+    waiting: list[asyncio.Future[bytes]] = []
+
+    def readable() -> None:
+        data = conn.recv_bytes()
+        if waiting:
+            waiting.pop().set_result(data)
+
+    loop.add_reader(conn.fileno(), readable)
+    payload = bytes(100)
+
+    async def round_trip() -> bytes:
+        fut: asyncio.Future[bytes] = loop.create_future()
+        waiting.append(fut)
+        conn.send_bytes(payload)
+        return await fut
+
+    try:
+        yield round_trip
+    finally:
+        loop.remove_reader(conn.fileno())
+        conn.send_bytes(b"")
+        proc.join(5)
+        conn.close()
+        proc.close()
+
+
 async def seed(run: Run) -> None:
     """The popular answer: a new process per call that rebuilds the module.
 
@@ -82,6 +119,38 @@ async def seed(run: Run) -> None:
         "asyncio/tiny/seed-process-per-call",
         [timed(lambda: alt.seed_call("tiny", x)) for _ in range(n)],
     )
+    m = alt.build("tiny")
+    loop = asyncio.get_running_loop()
+    spawn = multiprocessing.get_context("spawn")
+
+    def shared(count: int) -> None:  # example 2: a process per call, shared output tensors
+        outs = [torch.empty(1, 5).share_memory_() for _ in range(count)]  # type: ignore[no-untyped-call]
+        for p in [alt.seed_shared_call("tiny", x, out) for out in outs]:
+            p.join()
+            p.close()
+
+    record(run, "seed2/per-call", [timed(lambda: shared(1)) for _ in range(n)])
+    record(run, "seed2/two-modules", [timed(lambda: shared(2)) for _ in range(n)])
+    # Example 3: an executor running a module sent with each call, results on a Manager queue.
+    with (
+        multiprocessing.get_context("spawn").Manager() as manager,
+        concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as ex,
+    ):
+        q = manager.Queue()
+
+        async def managed(count: int) -> None:
+            for tag in range(count):
+                ex.submit(alt.manager_run, m, x, q, tag)
+            for _ in range(count):
+                await loop.run_in_executor(None, q.get)
+
+        await managed(2)  # the executor's processes start
+        n3 = run.n(50, 15, 5)
+        await rounds(run, "seed3/per-call", lambda: managed(1), n3)
+        await rounds(run, "seed3/two-modules", lambda: managed(2), n3)
+    async with ProcessPool(workers=2) as pp:
+        await pp.warmup(m, example=x)
+        await rounds(run, "seed/ProcessPool-two-modules", lambda: pp.run_parallel(m, m, x), n3)
 
 
 async def parallel(run: Run, kind: str) -> None:
@@ -100,8 +169,34 @@ async def parallel(run: Run, kind: str) -> None:
         alt.direct(m1, x)
         alt.direct(m2, x)
 
+    loop = asyncio.get_running_loop()
+    spawn = multiprocessing.get_context("spawn")
     async with ThreadPool(workers=2) as tp, ProcessPool(workers=2) as pp:
         await pp.warmup(m1, m2, example=x)
+        with concurrent.futures.ProcessPoolExecutor(
+            2, mp_context=spawn, initializer=alt.limit_init, initargs=(kind,)
+        ) as bare:
+            # Two bare single-threaded processes holding the module and its input: one runs
+            # both calls, then each runs one at once. Their ratio is this machine's limit now.
+            pids: set[int] = set()
+            while len(pids) < 2:
+                both = [loop.run_in_executor(bare, alt.limit_run, 3) for _ in range(2)]
+                pids |= set(await asyncio.gather(*both))
+
+            async def bare_parallel() -> None:
+                await asyncio.gather(*(loop.run_in_executor(bare, alt.limit_run, 1) for _ in "ab"))
+
+            await interleaved(
+                run,
+                {
+                    f"{kind}/bare-one-process": (
+                        lambda: loop.run_in_executor(bare, alt.limit_run, 2),
+                        1,
+                    ),
+                    f"{kind}/bare-two-processes": (bare_parallel, 1),
+                },
+                n,
+            )
         await interleaved(
             run,
             {
