@@ -257,6 +257,17 @@ def _batching(r: Results) -> list[Target]:
                 bt / ub >= 5,
             )
         )
+        cpu = r[f"batch/{pool}/Batcher"].get("parent_cpu")
+        if pool == "ProcessPool" and cpu is not None:
+            out.append(
+                Target(
+                    "Batcher on ProcessPool: parent CPU per request (time.process_time)",
+                    "<= 20 us",
+                    f"{cpu * 1e6:.0f} us (unbatched: "
+                    f"{r[f'batch/{pool}/unbatched']['parent_cpu'] * 1e6:.0f} us)",
+                    cpu <= 20e-6,
+                )
+            )
     added = r["batch/lone/Batcher"]["median"] - r["batch/lone/forward"]["median"]
     out.append(
         Target(

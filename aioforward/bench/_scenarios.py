@@ -447,14 +447,19 @@ async def batching(run: Run) -> None:
                 "Batcher": functools.partial(b, x),
             }
             rates: dict[str, list[float]] = {name: [] for name in variants}
+            cpu: dict[str, list[float]] = {name: [] for name in variants}
             for rep in range(reps + 1):  # the first round warms up
                 for name, step in variants.items():
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     await burst(step)
                     if rep:
                         rates[name].append(n_requests / (time.perf_counter() - t0))
+                        cpu[name].append((time.process_time() - c0) / n_requests)
             for name, rs in rates.items():
-                run.results[f"batch/{kind}/{name}"] = {"calls_per_s": statistics.median(rs)}
+                run.results[f"batch/{kind}/{name}"] = {
+                    "calls_per_s": statistics.median(rs),
+                    "parent_cpu": statistics.median(cpu[name]),  # this process, every thread
+                }
             s = b.stats()
             run.results[f"batch/{kind}/Batcher"]["mean_batch"] = s.samples / s.batches
             run.results[f"batch/{kind}/Batcher"]["requests"] = n_requests
