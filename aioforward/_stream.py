@@ -30,15 +30,38 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ._future import waker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from ._future import ForwardFuture
 
 T = TypeVar("T")
 
-__all__ = ["DEFAULT_BUFFER", "Channel", "ForwardStream"]
+__all__ = ["DEFAULT_BUFFER", "Channel", "ForwardStream", "iter_of", "not_a_call"]
 
 DEFAULT_BUFFER = 4  # items produced ahead of the consumer: enough to hide a wake-up
+
+
+def iter_of(value: Any, name: str) -> Iterator[Any]:
+    """``iter(value)`` for a streaming call, or a ``TypeError`` that says what ``stream`` needs.
+
+    Example: ``iter_of(fn(*args), "fn")``.
+    """
+    try:
+        return iter(value)
+    except TypeError:
+        raise TypeError(
+            f"stream({name}, ...): {name}(...) returned {type(value).__name__}, not an "
+            "iterator; pass a generator function, a module whose forward yields, or a "
+            "callable that returns an iterator"
+        ) from None
+
+
+def not_a_call(name: str) -> str:
+    """The error for ``forward`` of a module whose forward yields."""
+    return (
+        f"{name}'s forward returned a generator: run it with pool.stream({name}, ...) (or "
+        "aioforward.stream) to get its items, not with forward/submit"
+    )
 
 
 class Channel:

@@ -322,3 +322,7 @@ class Looping(nn.Module):
             _log(self.log, f"step {i}")
             time.sleep(self.pause)
         return x
+
+
+def not_a_generator(n: int) -> int:
+    return n * 2

@@ -188,6 +188,7 @@ async def test_timeout_ends_the_stream_and_closes_the_generator(
         await wait_for(lambda: "closed" in M.entered(log))
         await wait_idle(pool)
         assert pool.stats().restarts == 0
+        assert pool.stats().failed == 1  # a timeout counts as a failed call
 
 
 async def test_a_stream_holds_a_slot_like_a_call(make_pool: Callable[..., af.Pool]) -> None:
@@ -223,6 +224,20 @@ def test_sync_iteration_in_a_thread_and_af_stream(make_pool: Callable[..., af.Po
         assert out == [0, 1, 2, 3]
     with pytest.raises(af.PoolClosedError):
         pool.stream(M.count, 1)
+
+
+async def test_mistakes_say_what_stream_needs(make_pool: Callable[..., af.Pool]) -> None:
+    async with make_pool() as pool:
+        with pytest.raises(TypeError, match=r"not_a_generator\(...\) returned int, not an iter"):
+            async for _ in pool.stream(M.not_a_generator, 3):
+                pass
+        if kind(make_pool) in ("thread", "process"):
+            with pytest.raises(TypeError, match=r"forward returned a generator: run it with"):
+                await pool.forward(M.Counter(), 2)
+        if kind(make_pool) == "process":
+            with pytest.raises(af.SerializationError, match="the function .* top level"):
+                pool.stream(lambda: iter([1]))
+        assert (await pool.forward(M.Echo(), 1))[0] == (1,)  # the worker serves on
 
 
 # ---------------------------------------------------------------- cooperative cancellation

@@ -500,6 +500,9 @@ class PoolCore:
             item.future, None, TimeoutError(f"{item.name} did not finish within its timeout")
         ):
             return
+        if not queued:
+            with self._lock:
+                self._failed += 1  # its end will be discarded, not counted again
         if queued:
             item.release_inputs()
             self._maybe_closed()

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from .._call import Call, ModuleSpec
+from .._stream import iter_of
 from .._validate import check_int, check_number
 from ..errors import (
     EncodedException,
@@ -209,7 +210,9 @@ class _Actor:
         try:
             fn = self._resolve(key, box, method)
             with torch.no_grad():
-                it = iter(fn(*_unpack(args), **_unpack(kwargs)))
+                it = iter_of(
+                    fn(*_unpack(args), **_unpack(kwargs)), getattr(fn, "__qualname__", "fn")
+                )
             try:
                 while self.stop_seq != seq:
                     with torch.no_grad():

@@ -29,6 +29,7 @@ import itertools
 import queue
 import threading
 import time
+import types
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +37,7 @@ import torch
 from .. import _cancel
 from .._call import ModuleSpec
 from .._cpus import usable_cpus
+from .._stream import iter_of, not_a_call
 from .._validate import check_bool, check_int, check_number
 from ._base import Backend, Pool
 from ._worker import Worker, WorkItem
@@ -167,7 +169,11 @@ class ThreadBackend(Backend):
         if item.stream is not None:
             return self.stream_items(item, fn, module, c.args, c.kwargs)
         if isinstance(fn, torch.nn.Module):
-            return self.forward(item, fn)
+            out = self.forward(item, fn)
+            if isinstance(out, types.GeneratorType):
+                out.close()
+                raise TypeError(not_a_call(item.name))
+            return out
         if module is not None:  # a method of a module (e.g. generate)
             with self.grad_mode():
                 return fn(*c.args, **c.kwargs)
@@ -190,7 +196,7 @@ class ThreadBackend(Backend):
         assert channel is not None
         mode = self.grad_mode if module is not None else contextlib.nullcontext
         with mode():
-            it = iter(fn(*args, **kwargs))
+            it = iter_of(fn(*args, **kwargs), item.name)
         try:
             while not item.cancel_requested:
                 with mode():

@@ -290,9 +290,21 @@ class ProcessBackend(Backend):
         try:
             body = box.dumps((ref, c.args, c.kwargs))
         except Exception as exc:
+            what = "the arguments of"
+            if ref[0] == "fn":
+                try:
+                    pickle.dumps(ref[1], protocol=5)
+                except Exception:
+                    what = "the function"
+            hint = (
+                "; define it at the top level of a module (a lambda or a nested function "
+                "cannot be pickled)"
+                if what == "the function"
+                else ""
+            )
             raise SerializationError(
-                f"the arguments of {c.name} cannot be sent to a worker process: "
-                f"{type(exc).__name__}: {exc}"
+                f"{what} {c.name} cannot be sent to a worker process: "
+                f"{type(exc).__name__}: {exc}{hint}"
             ) from exc
         need = box.big_bytes()
         if need:

@@ -14,11 +14,13 @@ import sys
 import threading
 import time
 import traceback
+import types
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from ... import _cancel
+from ..._stream import iter_of, not_a_call
 from ...errors import WorkerStartError, encode_exception
 from ._messages import (
     OOM_EXIT,
@@ -166,6 +168,9 @@ class _Server:
             else:
                 with mode():
                     out = fn(*args, **kwargs)
+                if isinstance(out, types.GeneratorType):
+                    out.close()
+                    raise TypeError(not_a_call(getattr(fn, "__qualname__", type(fn).__name__)))
             del args, kwargs
         except BaseException as exc:
             if _is_oom(exc):
@@ -210,7 +215,7 @@ class _Server:
         credits = msg.stream
         segment_busy = False  # the parent has not copied the last item out of self.out yet
         with mode():
-            it = iter(fn(*args, **kwargs))
+            it = iter_of(fn(*args, **kwargs), getattr(fn, "__qualname__", type(fn).__name__))
         try:
             while not _cancel.cancel_requested():
                 with mode():
