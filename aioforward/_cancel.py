@@ -109,20 +109,22 @@ def check_cancelled() -> None:
         raise CallCancelled("the call was cancelled")
 
 
-class _CheckedModuleList(nn.ModuleList):
+class _Checking(nn.Module):
+    """Iterating the members checks before each one (a stack's forward iterates them)."""
+
     def __iter__(self) -> Iterator[nn.Module]:
         for m in self._modules.values():
             if cancel_requested():
                 raise CallCancelled(f"cancelled before {type(m).__name__}")
-            yield m
+            yield m  # type: ignore[misc]
 
 
-class _CheckedSequential(nn.Sequential):
-    def __iter__(self) -> Iterator[nn.Module]:
-        for m in self._modules.values():
-            if cancel_requested():
-                raise CallCancelled(f"cancelled before {type(m).__name__}")
-            yield m
+class _CheckedModuleList(_Checking, nn.ModuleList):
+    pass
+
+
+class _CheckedSequential(_Checking, nn.Sequential):
+    pass
 
 
 _CHECKED: dict[type[nn.Module], type[nn.Module]] = {

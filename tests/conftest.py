@@ -20,7 +20,7 @@ import aioforward
 from aioforward import _api
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 torch.set_num_threads(1)  # tests run two workers on two cores; keep the parent quiet
 
@@ -179,3 +179,40 @@ def local_ray() -> Iterator[Any]:
     )
     yield ray
     ray.shutdown()
+
+
+def pool_factory(
+    request: pytest.FixtureRequest, workers: int, **cuda: Any
+) -> Iterator[Callable[..., aioforward.Pool]]:
+    """A factory for pools of the backend ``request.param`` names (thread, process, ray or
+    cuda: skipped with the reason where this machine cannot run it); every pool it made is
+    closed after the test. ``cuda``: options of the CUDA pool."""
+    import weakref
+
+    from aioforward.pools.cuda import cuda_unavailable_reason
+
+    kind = request.param
+    if kind == "ray":
+        request.getfixturevalue("local_ray")
+    if kind == "cuda" and (why := cuda_unavailable_reason()) is not None:
+        pytest.skip(f"needs a CUDA GPU: {why}")
+    made: list[weakref.ref[aioforward.Pool]] = []  # weak: a test may drop its pool on purpose
+
+    def make(workers: int = workers, **kwargs: Any) -> aioforward.Pool:
+        pool: aioforward.Pool
+        if kind == "thread":
+            pool = aioforward.ThreadPool(workers, **kwargs)
+        elif kind == "process":
+            pool = aioforward.ProcessPool(workers, **kwargs)
+        elif kind == "ray":
+            pool = aioforward.RayPool(workers, num_cpus_per_worker=0.5, **kwargs)
+        else:
+            pool = aioforward.CudaStreamPool(workers=workers, **cuda, **kwargs)
+        made.append(weakref.ref(pool))
+        return pool
+
+    make.kind = kind  # type: ignore[attr-defined]
+    yield make
+    for ref in made:
+        if (pool := ref()) is not None:
+            pool.close()

@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +24,9 @@ import torch
 import trio
 
 import aioforward as af
-from aioforward.pools.cuda import cuda_unavailable_reason
 
 from . import models as M
-from .conftest import assert_pool_idle
+from .conftest import assert_pool_idle, pool_factory
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -41,31 +39,7 @@ BACKENDS = ["thread", "process", "ray", "cuda"]
 @pytest.fixture(params=BACKENDS)
 def make_pool(request: pytest.FixtureRequest) -> Iterator[Callable[..., af.Pool]]:
     """A factory for pools of one backend; every pool it made is closed after the test."""
-    kind = request.param
-    if kind == "ray":
-        request.getfixturevalue("local_ray")
-    if kind == "cuda" and (why := cuda_unavailable_reason()) is not None:
-        pytest.skip(f"needs a CUDA GPU: {why}")
-    made: list[weakref.ref[af.Pool]] = []  # weak: a test may drop its pool on purpose
-
-    def make(workers: int = 2, **kwargs: Any) -> af.Pool:
-        pool: af.Pool
-        if kind == "thread":
-            pool = af.ThreadPool(workers, **kwargs)
-        elif kind == "process":
-            pool = af.ProcessPool(workers, **kwargs)
-        elif kind == "ray":
-            pool = af.RayPool(workers, num_cpus_per_worker=0.5, **kwargs)
-        else:
-            pool = af.CudaStreamPool(workers=workers, to_cpu=True, **kwargs)
-        made.append(weakref.ref(pool))
-        return pool
-
-    make.kind = kind  # type: ignore[attr-defined]
-    yield make
-    for ref in made:
-        if (pool := ref()) is not None:
-            pool.close()
+    yield from pool_factory(request, 2, to_cpu=True)
 
 
 def device_of(make: Callable[..., af.Pool]) -> str:

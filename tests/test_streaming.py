@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
@@ -14,9 +13,9 @@ import torch
 
 import aioforward as af
 from aioforward._cancel import stacks
-from aioforward.pools.cuda import cuda_unavailable_reason
 
 from . import models as M
+from .conftest import pool_factory
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -27,31 +26,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(params=["thread", "process", "ray", "cuda"])
 def make_pool(request: pytest.FixtureRequest) -> Iterator[Callable[..., af.Pool]]:
-    kind = request.param
-    if kind == "ray":
-        request.getfixturevalue("local_ray")
-    if kind == "cuda" and (why := cuda_unavailable_reason()) is not None:
-        pytest.skip(f"needs a CUDA GPU: {why}")
-    made: list[weakref.ref[af.Pool]] = []
-
-    def make(workers: int = 1, **kwargs: Any) -> af.Pool:
-        pool: af.Pool
-        if kind == "thread":
-            pool = af.ThreadPool(workers, **kwargs)
-        elif kind == "process":
-            pool = af.ProcessPool(workers, **kwargs)
-        elif kind == "ray":
-            pool = af.RayPool(workers, num_cpus_per_worker=0.5, **kwargs)
-        else:
-            pool = af.CudaStreamPool(workers=workers, **kwargs)
-        made.append(weakref.ref(pool))
-        return pool
-
-    make.kind = kind  # type: ignore[attr-defined]
-    yield make
-    for ref in made:
-        if (pool := ref()) is not None:
-            pool.close()
+    yield from pool_factory(request, 1)
 
 
 def kind(make: Callable[..., af.Pool]) -> str:

@@ -178,18 +178,7 @@ class CudaBackend(ThreadBackend):
                 args, kwargs = unflatten(spec, iter([self.upload(v, stream) for v in leaves]))
                 with torch.no_grad():  # results behave like a direct call's
                     out = module(*args, **kwargs)
-                    out_leaves, out_spec = flatten(out)
-                    if self.to_cpu:
-                        out_leaves = [_download(v) for v in out_leaves]
-                # a blocking event: synchronize() sleeps in the driver, never spins
-                done = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
-                done.record(stream)
-            done.synchronize()
-            consumer = torch.cuda.default_stream(self.device)
-            for v in out_leaves:
-                if isinstance(v, torch.Tensor) and v.device.type == "cuda":
-                    v.record_stream(consumer)
-        return unflatten(out_spec, iter(out_leaves))
+                return self.finish_item(out)
 
     def stream_items(
         self,
@@ -211,12 +200,16 @@ class CudaBackend(ThreadBackend):
                 super().stream_items(item, fn, module, args, kwargs)
 
     def finish_item(self, value: Any) -> Any:
+        """Outputs (a result, or a streamed item) made safe for the caller, on the current
+        (the module's) stream: copied to pinned CPU memory with ``to_cpu``, their kernels
+        finished, marked as used by the default stream."""
         leaves, spec = flatten(value)
         if self.to_cpu:
             leaves = [_download(v) for v in leaves]
+        # a blocking event: synchronize() sleeps in the driver, never spins
         done = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
         done.record(torch.cuda.current_stream(self.device))
-        done.synchronize()  # the item's kernels (and copies) are finished
+        done.synchronize()  # the kernels (and copies) are finished
         consumer = torch.cuda.default_stream(self.device)
         for v in leaves:
             if isinstance(v, torch.Tensor) and v.device.type == "cuda":
