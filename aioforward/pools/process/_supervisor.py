@@ -217,15 +217,7 @@ class Supervisor:
         exc: BaseException | None = None
         if isinstance(msg, Ok):
             item.compute_s = msg.compute_s
-            try:
-                self._receive_segments(w, msg)
-                result = tr.loads(msg.payload, w.out_seg, msg.table, copy=True)
-            except BaseException as e:
-                exc = SerializationError(
-                    f"the result of {item.name} could not be unpickled in the parent: "
-                    f"{type(e).__name__}: {e}"
-                )
-                exc.__cause__ = e
+            result, exc = self._read(w, msg, f"the result of {item.name}")
         elif isinstance(msg, Raised):
             exc = msg.error.rebuild()
         elif isinstance(msg, Unsendable):
@@ -247,15 +239,8 @@ class Supervisor:
         item = w.item
         if item is None or item.stream is None:
             return  # cannot happen: items come only from a streaming call
-        try:
-            self._receive_segments(w, msg)
-            value = tr.loads(msg.payload, w.out_seg, msg.table, copy=True)
-        except BaseException as e:
-            exc = SerializationError(
-                f"an item streamed by {item.name} could not be unpickled in the parent: "
-                f"{type(e).__name__}: {e}"
-            )
-            exc.__cause__ = e
+        value, exc = self._read(w, msg, f"an item streamed by {item.name}")
+        if exc is not None:
             w.stream_error = exc  # the call ends with it
             item.request_cancel()
             w.cancel(item)
@@ -263,6 +248,21 @@ class Supervisor:
         if msg.table:
             w.send_ctl(StreamCtl(item.seq, freed=True))  # it may write the next one
         item.stream.feed(value)
+
+    def _read(
+        self, w: ProcessWorker, msg: Ok | Item, what: str
+    ) -> tuple[Any, BaseException | None]:
+        """The value a result or stream item carries (copied out of shared memory), or the
+        ``SerializationError`` saying why it could not be read."""
+        try:
+            self._receive_segments(w, msg)
+            return tr.loads(msg.payload, w.out_seg, msg.table, copy=True), None
+        except BaseException as e:
+            exc = SerializationError(
+                f"{what} could not be unpickled in the parent: {type(e).__name__}: {e}"
+            )
+            exc.__cause__ = e
+            return None, exc
 
     def _receive_segments(self, w: ProcessWorker, msg: Ok | Item) -> None:
         if not msg.new:
