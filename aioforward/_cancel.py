@@ -20,7 +20,7 @@ are changed, never user subclasses.
 Where the flag lives:
 
 * a worker thread: the call's :class:`~aioforward.pools._worker.WorkItem`,
-  found through a thread-local (``enter``/``leave`` around the call);
+  found through the thread-local ``local.item``, set by the pool around the call;
 * a worker process: a 64-bit word in shared memory the parent writes (the
   sequence number of the call to stop), read without a system call.
 
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 
     import torch
 
-    from .pools._worker import WorkItem
-
 __all__ = ["CallCancelled", "Checks", "check_cancelled", "install_checks", "stacks"]
 
 
@@ -55,7 +53,7 @@ class CallCancelled(Exception):  # noqa: N818 - it is a signal, not an error
     """
 
 
-_local = threading.local()
+local = threading.local()  # .item: the WorkItem running in this thread (set by a pool)
 
 
 class _ProcessFlag:
@@ -66,15 +64,6 @@ class _ProcessFlag:
 
 
 _process = _ProcessFlag()
-
-
-def enter(item: WorkItem) -> None:
-    """The current thread starts running ``item``."""
-    _local.item = item
-
-
-def leave() -> None:
-    _local.item = None
 
 
 def set_process_word(address: int) -> None:
@@ -88,7 +77,7 @@ def set_process_seq(seq: int) -> None:
 
 def cancel_requested() -> bool:
     """Whether the call running in this thread (or worker process) should stop now."""
-    item = getattr(_local, "item", None)
+    item = getattr(local, "item", None)
     if item is not None:
         return bool(item.cancel_requested)
     word = _process.word
@@ -176,20 +165,31 @@ class Checks:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._done: weakref.WeakKeyDictionary[torch.nn.Module, list[nn.Module]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Re-entrant: a module's weakref callback may run in a garbage collection triggered
+        # while this thread holds the lock.
+        self._lock = threading.RLock()
+        # id(module) -> (a weak reference to it, the stacks changed): looked up once per call
+        self._done: dict[int, tuple[weakref.ref[torch.nn.Module], list[nn.Module]]] = {}
 
     def install(self, module: torch.nn.Module) -> None:
-        if module in self._done:
+        hit = self._done.get(id(module))
+        if hit is not None and hit[0]() is module:
             return
         with self._lock:
-            if module not in self._done:
-                self._done[module] = install_checks(module)
+            hit = self._done.get(id(module))
+            if hit is None or hit[0]() is not module:
+                key = id(module)
+                ref = weakref.ref(module, lambda _r: self._forget(key, _r))
+                self._done[key] = (ref, install_checks(module))
+
+    def _forget(self, key: int, ref: weakref.ref[torch.nn.Module]) -> None:
+        with self._lock:
+            hit = self._done.get(key)
+            if hit is not None and hit[0] is ref:
+                del self._done[key]
 
     def remove(self) -> None:
         with self._lock:
-            changed = [m for ms in self._done.values() for m in ms]
+            changed = [m for _, ms in self._done.values() for m in ms]
             self._done.clear()
         remove_checks(changed)

@@ -18,6 +18,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import sniffio
@@ -55,14 +62,162 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
 
     # The pool's work item, set by the pool before the future is handed out.
     _item: WorkItem | None = None
+    # Told once, in the cancelling thread, when cancel() succeeds (the pool's core).
+    _on_cancel: Callable[[ForwardFuture[Any]], None] | None = None
+    # Hands the call to its reserved worker; set when the pool left that to the awaiting task
+    # (PoolCore.submit(awaited=True)), which runs it first thing in __await__, with its
+    # asyncio loop (None under trio). Returns the worker's reply reader, if it has one.
+    _dispatch: Callable[[Any], Any] | None = None
+
+    def __init__(self) -> None:
+        # concurrent.futures.Future.__init__, except that the condition is made only when a
+        # thread waits (result(timeout), concurrent.futures.wait): a call's own path takes
+        # the lock under it, which costs no Python frame.
+        self._mutex = threading.RLock()  # re-entrant: concurrent.futures.wait() holds it and
+        # then calls exception()
+        self._cond: threading.Condition | None = None
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self._cond
+        if cond is None:
+            with _conditions_lock:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition(self._mutex)
+        return cond
+
+    # The per-call path reads the state without the lock (one attribute read is atomic);
+    # everything that changes it, or waits for it, takes the lock.
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED
 
     def running(self) -> bool:
         """True while a worker executes the call (not merely queued)."""
         item = self._item
         return item is not None and item.started and not self.done()
 
+    def result(self, timeout: float | None = None) -> T:
+        if self._state == FINISHED:
+            if self._exception is not None:
+                try:
+                    raise self._exception
+                finally:
+                    self = None  # type: ignore[assignment]  # no cycle through the traceback
+            return self._result  # type: ignore[return-value]
+        return super().result(timeout)
+
+    def cancel(self) -> bool:
+        """Cancel the call unless it has finished; return whether it is cancelled.
+
+        A queued call is removed; a running one is asked to stop (see the class docstring).
+        """
+        with self._mutex:
+            if self._state in (RUNNING, FINISHED):
+                return False
+            if self._state in _CANCELLED:
+                return True
+            self._state = CANCELLED
+            cond = self._cond
+            if cond is not None:
+                cond.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        on_cancel = self._on_cancel
+        if on_cancel is not None:
+            on_cancel(self)
+        return True
+
+    def set_result(self, result: T) -> None:
+        # Future.set_result, with the lock under the condition (runs once per call)
+        with self._mutex:
+            if self._state in _DONE:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = FINISHED
+            for waiter in self._waiters:  # concurrent.futures.wait / as_completed
+                waiter.add_result(self)
+            cond = self._cond
+            if cond is not None:  # threads blocked in result() or exception()
+                cond.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        with self._mutex:
+            if self._state in _DONE:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._exception = exception
+            self._state = FINISHED
+            for waiter in self._waiters:
+                waiter.add_exception(self)
+            cond = self._cond
+            if cond is not None:
+                cond.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
+        with self._mutex:
+            if self._state not in _DONE:
+                self._done_callbacks.append(fn)
+                return
+        try:
+            fn(self)
+        except Exception:
+            concurrent.futures._base.LOGGER.exception("exception calling callback for %r", self)
+
     def __await__(self) -> Generator[Any, None, T]:
-        return _wait_one(self).__await__()
+        dispatch, self._dispatch = self._dispatch, None
+        if self._state in _DONE:
+            if dispatch is not None:
+                dispatch(None)  # timed out already: the worker still has to let the call go
+            return self.result()
+        reader = None
+        loop = None
+        wait: Callable[[], Any] | None = None  # trio's
+        box: list[Any] = []
+        try:
+            loop = _asyncio_loop()
+            if loop is None:
+                wake, wait = waker()
+                self.add_done_callback(lambda _f: wake())
+            else:  # the per-call path on asyncio and uvloop: one callback, one wake-up
+                box.append(loop.create_future())  # box[0]: what this task waits on now
+                ident = threading.get_ident()
+                wakeups = _wakeups(loop)
+
+                def wake_loop(_f: object) -> None:
+                    if threading.get_ident() == ident:  # completed in the loop's own thread
+                        if not loop.is_closed():
+                            _set_waiter(box[0])
+                    else:
+                        wakeups.wake(box[0])
+
+                self.add_done_callback(wake_loop)
+        finally:
+            if dispatch is not None:
+                reader = dispatch(loop)
+        try:
+            if reader is not None:
+                yield from reader(self, loop, box)  # reads the reply here, in the loop
+            if self._state not in _DONE:
+                yield from (wait() if wait is not None else box[0]).__await__()
+        except BaseException:
+            self.cancel()
+            raise
+        return self.result()
+
+
+_conditions_lock = threading.Lock()  # makes a future's condition once
+_DONE = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
+_CANCELLED = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED})
+assert PENDING not in _DONE
 
 
 def _set_waiter(waiter: asyncio.Future[None]) -> None:
@@ -70,16 +225,66 @@ def _set_waiter(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _wake_asyncio(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) -> None:
-    try:
-        loop.call_soon_threadsafe(_set_waiter, waiter)
-    except RuntimeError:  # the loop is closed: nobody waits any more
-        pass
+class _Wakeups:
+    """Wakes waiting tasks of one asyncio loop from other threads, once for all of those that
+    completed together: the first completion schedules a drain (one ``call_soon_threadsafe``,
+    one write to the loop's self-pipe), later ones before it runs only join the list. A
+    Batcher completing 64 requests at once wakes the loop once instead of 64 times."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[asyncio.Future[None]] = []
+        self._scheduled = False
+
+    def wake(self, waiter: asyncio.Future[None]) -> None:
+        """Any thread: ``waiter`` is to be set on the loop."""
+        with self._lock:
+            self._pending.append(waiter)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            with self._lock:
+                self._pending.clear()
+                self._scheduled = False
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+        for waiter in pending:
+            _set_waiter(waiter)
+
+
+_loop_local = threading.local()  # .wakeups: the _Wakeups of the loop this thread runs
+
+
+def _wakeups(loop: asyncio.AbstractEventLoop) -> _Wakeups:
+    w: _Wakeups | None = getattr(_loop_local, "wakeups", None)
+    if w is None or w.loop is not loop:
+        w = _loop_local.wakeups = _Wakeups(loop)
+    return w
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio (or uvloop) loop running this task, or None under trio: asked directly,
+    since this runs for every awaited call (trio marks its thread for sniffio, in guest
+    mode too)."""
+    if sniffio.thread_local.name is not None:
+        return None
+    loop = asyncio._get_running_loop()
+    if loop is None and sniffio.current_async_library() == "asyncio":  # e.g. trio-asyncio
+        loop = asyncio.get_running_loop()
+    return loop
 
 
 def waker() -> tuple[Callable[[], None], Callable[[], Any]]:
     """Return ``(wake, wait)``: ``wake`` is safe from any thread, ``wait`` is awaited here."""
-    if sniffio.current_async_library() == "trio":
+    loop = _asyncio_loop()
+    if loop is None:
         import trio
 
         token = trio.lowlevel.current_trio_token()
@@ -92,21 +297,15 @@ def waker() -> tuple[Callable[[], None], Callable[[], Any]]:
                 pass
 
         return wake_trio, event.wait
-    loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
-    return (lambda: _wake_asyncio(loop, waiter)), (lambda: waiter)
 
-
-async def _wait_one(fut: ForwardFuture[T]) -> T:
-    if not fut.done():
-        wake, wait = waker()
-        fut.add_done_callback(lambda _f: wake())
+    def wake_asyncio() -> None:
         try:
-            await wait()
-        except BaseException:
-            fut.cancel()
-            raise
-    return fut.result()
+            loop.call_soon_threadsafe(_set_waiter, waiter)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    return wake_asyncio, (lambda: waiter)
 
 
 async def wait_all(futures: Sequence[ForwardFuture[Any]], labels: Sequence[str]) -> list[Any]:

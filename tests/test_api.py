@@ -195,3 +195,42 @@ async def test_forward_on_asyncio_accepts_wrap_future() -> None:
         y = await asyncio.wrap_future(pool.submit(Tiny(), torch.ones(1, 10)))
         z = await asyncio.get_running_loop().run_in_executor(pool, sum, [1, 2])
     assert y.shape == (1, 5) and z == 3
+
+
+def test_futures_completed_together_wake_the_loop_once() -> None:
+    """Twenty awaited futures completed in a row from another thread, while the loop is busy,
+    cost the loop one wake-up (one call_soon_threadsafe), and every awaiting task gets its
+    own result."""
+    import threading
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        futures: list[af.ForwardFuture[int]] = [af.ForwardFuture() for _ in range(20)]
+        waiting = [asyncio.ensure_future(_await(f)) for f in futures]
+        await asyncio.sleep(0.01)  # every task is parked on its future
+        calls = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args: object, **kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        done = threading.Event()
+
+        def complete() -> None:
+            for i, f in enumerate(futures):
+                f.set_result(i)
+            done.set()
+
+        threading.Thread(target=complete).start()
+        assert done.wait(10)  # the loop is blocked meanwhile: one drain covers all twenty
+        results = await asyncio.gather(*waiting)
+        assert calls == 1
+        return results
+
+    async def _await(f: af.ForwardFuture[int]) -> int:
+        return await f
+
+    assert asyncio.run(main()) == list(range(20))

@@ -26,8 +26,6 @@ from aioforward.bench._measure import Run, Skip
 from aioforward.bench._scenarios import NAMES, SMOKE, ray_actors
 
 ROOT = Path(__file__).resolve().parent.parent
-# The bench re-executes itself to set this unless it is set: saves a torch import per run.
-PASSIVE = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 # The figures each scenario records (every value must be positive).
 FIGURES = {
@@ -124,7 +122,7 @@ def check_report(out: Path, ran: tuple[str, ...]) -> dict[str, Any]:
 def test_smoke_writes_complete_report_from_outside_the_repo(tmp_path: Path) -> None:
     """The CI smoke: a few representative scenarios, from a directory that is not the
     repository, into the default output folder (./bench-results)."""
-    proc = bench("--smoke", cwd=tmp_path, timeout=40, env=PASSIVE)
+    proc = bench("--smoke", cwd=tmp_path, timeout=40)
     assert proc.returncode == 0, proc.stderr
     data = check_report(tmp_path / "bench-results", SMOKE)
     rows = {row[0]: row for row in data["targets"]}
@@ -148,16 +146,15 @@ def test_smoke_writes_complete_report_from_outside_the_repo(tmp_path: Path) -> N
     ids=lambda only: "+".join(only),
 )
 def test_every_scenario_runs(tmp_path: Path, only: tuple[str, ...]) -> None:
-    proc = bench("--smoke", "--only", *only, "--out", "out", cwd=tmp_path, timeout=40, env=PASSIVE)
+    proc = bench("--smoke", "--only", *only, "--out", "out", cwd=tmp_path, timeout=40)
     assert proc.returncode == 0, proc.stderr
     check_report(tmp_path / "out", only)
 
 
-def test_skipped_scenario_reexecutes_and_says_why(tmp_path: Path) -> None:
-    """Without OMP_WAIT_POLICY the bench re-executes itself with it; a scenario that cannot
-    run here (the CUDA row on a machine without a GPU) keeps its row, with the reason."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    proc = bench("--smoke", "--only", "cuda", "--out", "out", cwd=tmp_path, timeout=40, env=env)
+def test_skipped_scenario_says_why(tmp_path: Path) -> None:
+    """A scenario that cannot run here (the CUDA row on a machine without a GPU) keeps its
+    row, with the reason."""
+    proc = bench("--smoke", "--only", "cuda", "--out", "out", cwd=tmp_path, timeout=40)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["meta"]["command"] == "python -m aioforward bench --smoke --only cuda"

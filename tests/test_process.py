@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -499,3 +500,56 @@ async def test_s30_soak_random_kills_timeouts_cancels() -> None:
         assert outcomes.get("ok", 0) > 50 and outcomes.get("TimeoutError", 0) > 5, outcomes
         assert rss[-1] - rss[1] < 64 * 2**20, rss  # flat after the first wave warmed up
         assert_pool_idle(pool)
+
+
+async def test_awaiting_task_reads_its_reply_on_asyncio(
+    shared: af.ProcessPool,
+    anyio_backend: tuple[str, dict[str, object]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On asyncio and uvloop the task that awaits a call reads the worker's reply itself, in
+    the loop's thread; on trio (and for a sync caller) the supervisor thread does."""
+    from aioforward.pools.process._supervisor import Supervisor
+
+    readers: list[str] = []
+    handle = Supervisor.handle
+
+    def record(self: Supervisor, w: object, data: bytes) -> bool:
+        readers.append(threading.current_thread().name)
+        return handle(self, w, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Supervisor, "handle", record)
+    x = torch.arange(4.0)
+    for _ in range(3):
+        (y,), _ = await shared.forward(M.Echo(), x)
+        assert torch.equal(y, x)
+    assert torch.equal(shared.submit(M.Echo(), x).result(30)[0][0], x)
+    me = threading.current_thread().name
+    expected = me if anyio_backend[0] == "asyncio" else "aioforward-shared-supervisor"
+    assert readers[:3] == [expected] * 3
+    assert readers[3] == "aioforward-shared-supervisor"
+
+
+async def test_loop_blocked_on_a_call_queued_behind_its_own_does_not_deadlock() -> None:
+    """A task awaits a call (its loop would read the reply); then sync code on the same loop
+    blocks on a second call queued behind it. The loop cannot read the first reply, so the
+    supervisor takes the read over within its watch interval and both calls finish."""
+    with af.ProcessPool(workers=1) as p:
+        await ready(p)
+        first = anyio.Event()
+        results: list[object] = []
+
+        async def slow() -> None:
+            first.set()
+            results.append(await p.forward(M.Sleep(0.3)))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow)
+            await first.wait()
+            await anyio.sleep(0.05)  # the slow call is running, its reply owned by its task
+            t0 = time.monotonic()
+            (y,), _ = p.submit(M.Echo(), torch.ones(3)).result(timeout=20)  # blocks the loop
+            assert torch.equal(y, torch.ones(3))
+            assert time.monotonic() - t0 < 5
+        assert len(results) == 1 and int(results[0]) in p.worker_pids()  # type: ignore[call-overload]
+        assert p.stats().completed == 2

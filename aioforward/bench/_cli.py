@@ -1,6 +1,6 @@
-"""The ``python -m aioforward bench`` command: options, the re-executed interpreter, the run.
+"""The ``python -m aioforward bench`` command: options, then the run.
 
-parse options -> check the bench's packages -> re-exec with OMP_WAIT_POLICY=PASSIVE
+parse options -> check the bench's packages
   -> each selected scenario on a fresh event loop (asyncio or uvloop), figures into a Run
   -> targets, results.json, report.md, report.png in --out
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import os
 import sys
 import textwrap
 import time
@@ -48,8 +47,8 @@ def _epilog() -> str:
             f"--smoke runs {', '.join(SMOKE)} unless --only says otherwise.",
             "The bench needs the bench extra: pip install 'aioforward[bench]'. Ray rows run when",
             "ray is installed (pip install 'aioforward[ray]'), the CUDA row when a GPU is present.",
-            "Unless OMP_WAIT_POLICY is set, the command re-executes itself with it set to PASSIVE",
-            "(OpenMP reads it when torch loads).",
+            "It measures what a program gets at default settings: nothing in the environment is",
+            "tuned for it (set OMP_WAIT_POLICY=PASSIVE yourself to see what that changes).",
         ]
     )
 
@@ -121,8 +120,7 @@ class Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench with command-line arguments (``sys.argv[1:]`` when ``None``); return the
-    exit status. Unless ``OMP_WAIT_POLICY`` is set, this replaces the running interpreter with
-    ``python -m aioforward bench ...`` with it set (see ``--help``).
+    exit status.
 
     Example: ``sys.exit(aioforward.bench.main(["--smoke", "--out", "/tmp/bench"]))``.
     """
@@ -154,16 +152,6 @@ def run(options: Options) -> int:
             file=sys.stderr,
         )
         return 2
-    if os.environ.get("OMP_WAIT_POLICY") is None:
-        # OpenMP reads this when torch loads, so it must be in the environment before the
-        # interpreter starts: otherwise the threads of a 2-thread direct call spin for a
-        # while after it and steal a core from whatever is measured next.
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        cmd = [sys.executable, "-m", "aioforward", "bench", *options.argv()]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, cmd)
-
     from rich.console import Console
     from rich.progress import Progress
 

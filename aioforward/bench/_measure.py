@@ -87,7 +87,8 @@ async def interleaved(
     run: Run, variants: dict[str, tuple[Step, int]], n: int, block: int = 1
 ) -> None:
     """Time the variants round-robin (``block`` calls per turn, ``n`` turns), each at its
-    torch thread count, after one warm-up turn each; record each variant's median.
+    torch thread count, after one warm-up turn each; record each variant's median, and the
+    medians of the first, second and last third of its samples (``round1`` ... ``round3``).
 
     Example: ``await interleaved(run, {"a": (step_a, 1), "b": (step_b, 2)}, 15)``.
     """
@@ -103,6 +104,12 @@ async def interleaved(
     torch.set_num_threads(1)
     for name, ts in samples.items():
         record(run, name, ts)
+        third = len(ts) // 3
+        if third:  # the median of each third of the run, in time order: is it stable?
+            for i in range(3):
+                run.results[name][f"round{i + 1}"] = statistics.median(
+                    ts[i * third : (i + 1) * third]
+                )
 
 
 async def lag_during(run: Run, name: str, step: Step, n: int) -> None:

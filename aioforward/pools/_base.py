@@ -207,6 +207,9 @@ class PoolCore:
             Reservoir(),
             Reservoir(),
         )
+        self._add_queue = self._lat_queue.samples.append  # bound once: they run per call
+        self._add_transfer = self._lat_transfer.samples.append
+        self._add_compute = self._lat_compute.samples.append
         self._start_failures = 0  # deaths while starting in a row; a ready worker resets it
         self._start_error: BaseException | None = None  # waiting calls were failed with it
         self._fatal: BaseException | None = None  # no worker can ever start: submit fails
@@ -215,19 +218,35 @@ class PoolCore:
 
     # ------------------------------------------------------------------ submission
     def submit(
-        self, c: Call, timeout: float | None, stream: Channel | None = None
+        self,
+        c: Call,
+        timeout: float | None,
+        stream: Channel | None = None,
+        *,
+        awaited: bool = False,
     ) -> ForwardFuture[Any]:
-        check_timeout(timeout)
-        self._check_open()
+        """Schedule ``c``. ``awaited``: the caller awaits the future at once (``forward``); a
+        call that gets an idle worker is then handed to it only once the awaiting task has
+        registered its wake-up, so the worker does not wait for this thread's GIL while the
+        task gets ready to sleep."""
+        # The per-call path: every line here runs for every call, so it is kept short.
+        if timeout is not None:
+            check_timeout(timeout)
+        if self._state is not _State.OPEN or _interpreter_exiting or self._fatal is not None:
+            self._check_open()
         payload = self.backend.prepare(c)
         fut: ForwardFuture[Any] = ForwardFuture()
         deadline = None if timeout is None else time.monotonic() + timeout
         item = WorkItem(c, fut, deadline, next(self._seq), payload, stream)
         fut._item = item
+        fut._on_cancel = self._on_cancel
         worker = None
+        starts: list[Worker] = []
         with self._lock:
-            self._check_open()
-            starts = self._start_locked()
+            if self._state is not _State.OPEN:
+                self._check_open()  # closed meanwhile: raises
+            if not self._started:
+                starts = self._start_locked()
             if self._idle and not self._queue:
                 worker = self._idle.pop()
                 self._assign_locked(worker, item)
@@ -241,10 +260,13 @@ class PoolCore:
                 self._queue.append(item)
             if deadline is not None:
                 self._timer.call_at(deadline, lambda: self._expire(item))
-        fut.add_done_callback(self._on_future_done)
-        self._start_workers(starts)
+        if starts:
+            self._start_workers(starts)
         if worker is not None:
-            self._run(worker, item)
+            if awaited:
+                fut._dispatch = lambda loop: self._run_awaited(worker, item, loop)
+            else:
+                self._run(worker, item)
         return fut
 
     def _check_open(self) -> None:
@@ -292,7 +314,7 @@ class PoolCore:
         w.item = item
         self._busy += 1
         item.t_start = time.perf_counter()
-        self._lat_queue.add(item.t_start - item.t_submit)
+        self._add_queue(item.t_start - item.t_submit)
 
     def _run(self, w: Worker, item: WorkItem) -> None:
         try:
@@ -301,6 +323,15 @@ class PoolCore:
             self.call_done(w, item, exc=exc)
         # KeyboardInterrupt/SystemExit propagate: the call may have been sent already, and
         # its reply will end it
+
+    def _run_awaited(self, w: Worker, item: WorkItem, loop: Any) -> Any:
+        """:meth:`_run` for a call its task awaits at once; returns the worker's reply reader
+        for that task to drive, if it offers one (see ``Worker.run_awaited``)."""
+        try:
+            return w.run_awaited(item, loop)
+        except Exception as exc:
+            self.call_done(w, item, exc=exc)
+            return None
 
     def _next_locked(self, w: Worker) -> tuple[WorkItem | None, bool]:
         """Worker ``w`` is free: the next queued call for it, or whether to stop it."""
@@ -358,8 +389,8 @@ class PoolCore:
             if not abandoned:
                 if exc is None:
                     self._completed += 1
-                    self._lat_compute.add(item.compute_s)
-                    self._lat_transfer.add(item.transfer_s)
+                    self._add_compute(item.compute_s)
+                    self._add_transfer(item.transfer_s)
                 else:
                     self._failed += 1
             if retire and w in self._all:
@@ -372,16 +403,19 @@ class PoolCore:
                     self._restarts += 1
             elif w in self._all:
                 nxt, stop = self._next_locked(w)
-            self._changed.notify_all()
-        _complete(fut, result, exc)
-        item.release_inputs()
+            # Nobody waits on _changed for a call's end (only shutdown, for CLOSED): no notify.
+        if not abandoned:
+            _complete(fut, result, exc)
+        item.payload = None  # release_inputs(), inlined
         del result, exc
         if stop:
             w.stop()
-        self._start_workers(starts)
+        if starts:
+            self._start_workers(starts)
         if nxt is not None:
             self._run(w, nxt)
-        self._maybe_closed()
+        if self._state is _State.CLOSING:  # a stale OPEN is harmless: shutdown checks itself
+            self._maybe_closed()
 
     def worker_lost(
         self,
@@ -461,10 +495,9 @@ class PoolCore:
         self._start_workers(starts)
 
     # ------------------------------------------------------------------ cancel & deadlines
-    def _on_future_done(self, fut: concurrent.futures.Future[Any]) -> None:
-        if not fut.cancelled():
-            return
-        item = getattr(fut, "_item", None)
+    def _on_cancel(self, fut: ForwardFuture[Any]) -> None:
+        """``fut`` was just cancelled (called once, in the cancelling thread)."""
+        item = fut._item
         if item is None:
             return
         with self._lock:
@@ -767,7 +800,7 @@ class Pool(concurrent.futures.Executor, abc.ABC):
             logits = await pool.forward(model, input_ids, attention_mask=mask, timeout=5)
         """
         check_module(module, "module")
-        return await self._core.submit(Call(module, args, kwargs), timeout)
+        return await self._core.submit(Call(module, args, kwargs), timeout, awaited=True)
 
     async def run_parallel(
         self, *modules_and_args: Any, timeout: float | None = None, **kwargs: Any

@@ -116,6 +116,14 @@ class Worker(abc.ABC):
     def run(self, item: WorkItem) -> None:
         """Begin running ``item``; report ``call_done`` or ``worker_lost`` when it ends."""
 
+    def run_awaited(self, item: WorkItem, loop: Any) -> Any:
+        """Begin running ``item`` for a task of the asyncio ``loop`` (None under trio) that
+        awaits it at once. A worker whose reply the awaiting task can read itself returns a
+        generator function for the task to drive (``reader(future, loop, box)``, see
+        ``ProcessWorker``); by default it runs the call as usual and returns None."""
+        self.run(item)
+        return None
+
     def cancel(self, item: WorkItem) -> None:  # noqa: B027 - optional hook
         """Tell the worker running ``item`` to stop it cooperatively (``item.cancel_requested``
         is already set; a thread reads it, a process needs telling)."""

@@ -83,23 +83,27 @@ def _thread_main(
 ) -> None:
     backend.thread_setup()
     core.worker_ready(w)
+    local = _cancel.local  # where the cancellation checks find the running call
+    clock = time.perf_counter
+    execute = backend.execute
+    call_done = core.call_done
     while (item := inbox.get()) is not None:
         if item.future.done():  # cancelled or timed out between reservation and start
-            core.call_done(w, item)
+            call_done(w, item)
             continue
-        t0 = time.perf_counter()
-        _cancel.enter(item)
+        t0 = clock()
+        local.item = item
         try:
-            out = backend.execute(item)
+            out = execute(item)
         except BaseException as exc:
-            _cancel.leave()
-            item.compute_s = time.perf_counter() - t0
-            core.call_done(w, item, exc=exc)
+            local.item = None
+            item.compute_s = clock() - t0
+            call_done(w, item, exc=exc)
             del exc
         else:
-            _cancel.leave()
-            item.compute_s = time.perf_counter() - t0
-            core.call_done(w, item, out)
+            local.item = None
+            item.compute_s = clock() - t0
+            call_done(w, item, out)
             del out  # the thread must not keep the last result alive until its next call
         del item
     core.worker_lost(w)
@@ -222,8 +226,14 @@ class ThreadBackend(Backend):
         ``no_grad`` rather than ``inference_mode``: results must behave like a direct
         call's, and inference tensors refuse in-place use outside inference mode."""
         c = item.call
-        with torch.enable_grad() if self.grad else torch.no_grad():
+        # torch.no_grad() as two calls: the context manager costs several Python calls per
+        # forward pass, and grad mode is this thread's own setting
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(self.grad)
+        try:
             return module(*c.args, **c.kwargs)
+        finally:
+            torch._C._set_grad_enabled(prev)
 
     def place(self, module: torch.nn.Module) -> torch.nn.Module:
         """Where a module built from a ModuleSpec goes (here: where it was built)."""

@@ -38,7 +38,9 @@ class Load(NamedTuple):
 # ---------------------------------------------------------------- parent -> worker
 class CallMsg(NamedTuple):
     """Run one call. ``request``: the segment holding its large tensors (``table`` says where);
-    ``drops``: module keys to forget first; ``body``: the pickled (module ref, args, kwargs).
+    ``drops``: module keys to forget first; ``body``: the pickled (args, kwargs), with the
+    module reference ``ref`` beside it when that is a shipped module's (else the pickled
+    (module ref, args, kwargs)).
     ``seq``: the call's number (the parent writes it into the control word to cancel it);
     ``stream``: for a streaming call, the items the worker may send ahead (its credits);
     ``control``: the control segment's sid, with the first call only."""
@@ -52,6 +54,7 @@ class CallMsg(NamedTuple):
     seq: int = 0
     stream: int = 0
     control: int | None = None
+    ref: tuple[Any, ...] | None = None
 
 
 class StreamCtl(NamedTuple):

@@ -35,10 +35,12 @@ started deadlocks), lazily, on the first ``submit``, ``warmup`` or
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import threading
 import time
@@ -58,7 +60,7 @@ from ._supervisor import Supervisor
 from ._worker import WorkerOptions
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Generator
     from multiprocessing.connection import Connection
     from multiprocessing.process import BaseProcess
 
@@ -107,13 +109,110 @@ class ProcessWorker(Worker):
         self.control_word: ctypes.c_int64 | None = None
         self.send_lock = threading.Lock()  # calls, stops and stream credits share the pipe
         self.stream_error: BaseException | None = None  # a stream item the parent could not read
+        # Who reads the replies (see run_awaited): None, the supervisor; or the token of the
+        # task that awaits the running call and reads its reply in its own event loop.
+        # reader, watched, registered and pending_close change under read_lock.
+        self.read_lock = threading.RLock()
+        self.reader: object | None = None
+        self.watched = False  # the supervisor's current wait includes the pipe
+        self.registered: tuple[Any, object] | None = None  # (loop, token) of a task's add_reader
+        self.pending_close: Connection | None = None  # closed once no task has it registered
+        self.unread_since: float | None = None  # the supervisor's watch on a task's reply
 
     def start(self) -> None:
         assert self.backend.supervisor is not None
         self.backend.supervisor.spawn(self)
 
     def run(self, item: WorkItem) -> None:
+        with self.read_lock:
+            self.reader = None
+            poke = not self.watched
         self.backend.send_call(self, item)
+        if poke:  # the supervisor must wait on the pipe for this reply
+            assert self.backend.supervisor is not None
+            self.backend.supervisor.poke()
+
+    def run_awaited(self, item: WorkItem, loop: Any) -> Any:
+        """Run ``item`` for a task that awaits it at once in the asyncio ``loop``: that task
+        reads the reply itself (``_read_reply``), when the pipe is readable, so the call
+        costs no supervisor wake-up and no thread-to-loop hand-off. The supervisor still
+        sees the process die, and takes the read over when the loop does not come to it
+        (a loop blocked in sync code): see ``Supervisor._watch_tasks``."""
+        if loop is None or item.stream is not None:
+            self.run(item)
+            return None
+        token = object()
+        with self.read_lock:
+            self.reader = token
+        try:
+            self.backend.send_call(self, item)
+        except BaseException:
+            self._release(token, ended=True)
+            raise
+        return functools.partial(self._read_reply, token)
+
+    def _read_reply(
+        self, token: object, fut: Any, loop: Any, box: list[Any]
+    ) -> Generator[Any, None, None]:
+        """Driven by the awaiting task: wait until the pipe is readable, read the reply and
+        end the call (``Supervisor.handle``). Returns early, leaving the future to whoever
+        ends it, when the call ends otherwise (a timeout, the worker's death) or when the
+        supervisor took the read over."""
+        conn = self.conn
+        ended = False
+        if conn is None:
+            self._release(token, ended)
+            return
+        fd = conn.fileno()
+        with self.read_lock:
+            if self.reader is not token:
+                return
+            loop.add_reader(fd, _set_first, box)
+            if not os.get_blocking(fd):  # uvloop (libuv) makes a polled descriptor
+                os.set_blocking(fd, True)  # non-blocking; the pipe's reads need it blocking
+            self.registered = (loop, token)
+        try:
+            while not fut.done():
+                yield from box[0].__await__()
+                if fut.done():
+                    break
+                box[0] = loop.create_future()
+                with self.read_lock:
+                    if self.reader is not token or self.conn is not conn:
+                        break
+                    if not select.select([fd], [], [], 0)[0]:
+                        continue
+                    try:
+                        data = conn.recv_bytes()
+                    except (EOFError, OSError):
+                        break  # the worker died: the supervisor reports it
+                    assert self.backend.supervisor is not None
+                    if self.backend.supervisor.handle(self, data):
+                        ended = True
+                        break
+        finally:
+            with self.read_lock:
+                reg = self.registered
+                if reg is None or reg[0] is not loop or reg[1] is token:
+                    loop.remove_reader(fd)  # unless another task of this loop took the pipe
+                if reg is not None and reg[1] is token:
+                    self.registered = None
+            self._release(token, ended)
+
+    def _release(self, token: object, ended: bool) -> None:
+        """The task stops reading; the supervisor reads from now on (and is told to wait on
+        the pipe when the reply is still to come)."""
+        with self.read_lock:
+            poke = False
+            if self.reader is token:
+                self.reader = None
+                poke = not ended and not self.watched
+            if self.pending_close is not None and self.registered is None:
+                self.pending_close.close()
+                self.pending_close = None
+        if poke:
+            assert self.backend.supervisor is not None
+            self.backend.supervisor.poke()
 
     def cancel(self, item: WorkItem) -> None:
         word = self.control_word
@@ -174,6 +273,12 @@ class ProcessWorker(Worker):
             pid=self.pid or 0,
             exitcode=code,
         )
+
+
+def _set_first(box: list[Any]) -> None:
+    """The pipe is readable: wake the task waiting on ``box[0]``."""
+    if not box[0].done():
+        box[0].set_result(None)
 
 
 class _Credits:
@@ -287,8 +392,11 @@ class ProcessBackend(Backend):
     def prepare(self, c: Call) -> Any:
         key, ref = self.shipper.reference(c.module)
         box = tr.Outbox(self.inline_bytes)
+        # A shipped module's reference is a few ints and a name: it travels in the CallMsg,
+        # outside the body, whose pickler calls back into Python for every object it holds.
+        head = ref if ref[0] in ("m", "meth") else None
         try:
-            body = box.dumps((ref, c.args, c.kwargs))
+            body = box.dumps((c.args, c.kwargs) if head is not None else (ref, c.args, c.kwargs))
         except Exception as exc:
             what = "the arguments of"
             if ref[0] == "fn":
@@ -309,12 +417,12 @@ class ProcessBackend(Backend):
         need = box.big_bytes()
         if need:
             tr.check_room(need, self.shm_limit, self.memfd)
-        return (key, body, box)
+        return (key, head, body, box)
 
     def send_call(self, w: ProcessWorker, item: WorkItem) -> None:
         """Copy ``item``'s inputs into ``w``'s request segment and send it (one call at a time
         per worker, so no lock: the core reserved ``w`` for ``item``)."""
-        key, body, box = item.payload
+        key, head, body, box = item.payload
         t0 = time.perf_counter()
         new: list[tr.Segment] = []
         table: list[tuple[int, str, tuple[int, ...]]] = []
@@ -342,7 +450,16 @@ class ProcessBackend(Backend):
             stream = item.stream.buffer
             item.stream.on_take = _Credits(w, item.seq, stream).take
         msg = CallMsg(
-            tuple(s.ref for s in new), request, table, drops, load, body, item.seq, stream, control
+            tuple(s.ref for s in new),
+            request,
+            table,
+            drops,
+            load,
+            body,
+            item.seq,
+            stream,
+            control,
+            head,
         )
         data = pickle.dumps(msg, protocol=5)
         item.release_inputs()  # the inputs are copied: drop our references to them

@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing.connection
 import os
 import pickle
+import select
 import threading
 import time
 import warnings
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 __all__ = ["Supervisor"]
 
 _environ_lock = threading.Lock()  # spawn copies os.environ: one start at a time sets it
+# How long a reply may wait unread by the task that owns it before this thread reads it; also
+# how often it looks while a task owns a pipe.
+WATCH_INTERVAL = 0.1
 
 
 class Supervisor:
@@ -83,9 +87,12 @@ class Supervisor:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def _poke(self) -> None:
+    def poke(self) -> None:
+        """Wake the thread: it recomputes what it waits on."""
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
+
+    _poke = poke
 
     # ------------------------------------------------------------------ the thread
     def _main(self) -> None:
@@ -115,8 +122,14 @@ class Supervisor:
             timeout: float | None = None
             for w in procs:
                 assert w.conn is not None and w.proc is not None
-                waitables += [w.conn, w.proc.sentinel]
-                by_conn[w.conn] = w
+                with w.read_lock:  # a task reading its own call's reply has the pipe
+                    w.watched = w.reader is None
+                if w.watched:
+                    waitables.append(w.conn)
+                    by_conn[w.conn] = w
+                else:
+                    timeout = WATCH_INTERVAL if timeout is None else min(timeout, WATCH_INTERVAL)
+                waitables.append(w.proc.sentinel)
                 by_sentinel[w.proc.sentinel] = w
                 if not w.reported_ready:
                     left = max(0.0, w.t_spawn + timeout_s - now)
@@ -134,12 +147,35 @@ class Supervisor:
             for w in dead:
                 self._on_exit(w)
             now = time.monotonic()
+            self._watch_tasks([w for w in procs if w not in dead], now)
             for w in procs:
                 if not w.reported_ready and w not in dead and now - w.t_spawn > timeout_s:
                     w.start_error = f"worker did not start within {timeout_s} s"
                     assert w.proc is not None
                     with contextlib.suppress(OSError, ValueError):
                         w.proc.kill()
+
+    def _watch_tasks(self, procs: list[ProcessWorker], now: float) -> None:
+        """Take over reading a reply that a task has left unread for ``WATCH_INTERVAL``: its
+        loop is blocked (sync code waiting for a call queued behind this one) or gone."""
+        for w in procs:
+            conn = w.conn
+            if w.reader is None or conn is None:
+                w.unread_since = None
+                continue
+            try:
+                readable = bool(select.select([conn.fileno()], [], [], 0)[0])
+            except (OSError, ValueError):
+                continue
+            if not readable:
+                w.unread_since = None
+            elif w.unread_since is None:
+                w.unread_since = now
+            elif now - w.unread_since >= WATCH_INTERVAL:
+                w.unread_since = None
+                with w.read_lock:
+                    w.reader = None  # the task finds it taken over and waits on its future
+                self.poke()
 
     def _start(self, w: ProcessWorker) -> None:
         if w.stopping:
@@ -184,11 +220,23 @@ class Supervisor:
                 w.send_stop()
 
     def _on_message(self, w: ProcessWorker) -> None:
-        assert w.conn is not None
-        try:
-            msg = pickle.loads(w.conn.recv_bytes())
-        except (EOFError, OSError):
-            return  # the sentinel reports the exit
+        with w.read_lock:
+            conn = w.conn
+            if w.reader is not None or conn is None:
+                return  # a task reads this reply itself
+            try:
+                # A task that owned the pipe may have read what woke us before it let go.
+                if not select.select([conn.fileno()], [], [], 0)[0]:
+                    return
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                return  # the sentinel reports the exit
+            self.handle(w, data)
+
+    def handle(self, w: ProcessWorker, data: bytes) -> bool:
+        """Act on one message from ``w`` (read by this thread or by the task that awaits the
+        call, under ``w.read_lock``); return whether it ended the call."""
+        msg = pickle.loads(data)
         if isinstance(msg, Ready):
             w.reported_ready = True
             self._core.worker_ready(w)
@@ -200,6 +248,8 @@ class Supervisor:
             self._on_item(w, msg)
         else:
             self._on_reply(w, msg)
+            return True
+        return False
 
     def _on_reply(self, w: ProcessWorker, msg: Any) -> None:
         item = w.item
@@ -280,8 +330,12 @@ class Supervisor:
         code = proc.exitcode
         with self._lock:
             self._procs.pop(w.wid, None)
+        with w.read_lock:
             w.conn = None
-        conn.close()
+            if w.registered is None:
+                conn.close()
+            else:  # a task's loop still waits on it: that task closes it when it leaves
+                w.pending_close = conn
         with contextlib.suppress(ValueError):
             proc.close()  # its sentinel descriptor
         w.proc = None

@@ -152,7 +152,11 @@ class _Server:
                     load_module(blob, self.segments[wsid] if wsid is not None else None)
                 )
             seg = self.segments[msg.request] if msg.request is not None else None
-            ref, args, kwargs = loads(msg.body, seg, msg.table, copy=False)
+            if msg.ref is not None:
+                ref = msg.ref
+                args, kwargs = loads(msg.body, seg, msg.table, copy=False)
+            else:
+                ref, args, kwargs = loads(msg.body, seg, msg.table, copy=False)
             fn = self._resolve(ref)
             owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
             # results are rebuilt as ordinary tensors in the parent
