@@ -22,6 +22,7 @@ Size = Literal["full", "quick", "smoke"]
 Figures = dict[str, float]  # e.g. {"median": s, "min": s, "max": s, "n": count}
 Results = dict[str, Figures]  # figure name -> its figures
 Step = Callable[[], Awaitable[Any]]
+SETTLE_S = 0.05  # after a variant at more than one torch thread, before the next one
 
 
 class Skip(Exception):
@@ -101,6 +102,11 @@ async def interleaved(
                 await step()
                 if not warm:
                     samples[name].append(time.perf_counter() - t0)
+            if threads > 1:
+                # A baseline run on torch's OpenMP team (direct calls at default threads):
+                # the team's threads spin for milliseconds after it, on the cores the next
+                # variant needs. Let them stop, so the baseline does not tax its neighbour.
+                await asyncio.sleep(SETTLE_S)
     torch.set_num_threads(1)
     for name, ts in samples.items():
         record(run, name, ts)

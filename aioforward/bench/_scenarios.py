@@ -186,6 +186,7 @@ async def parallel(run: Run, kind: str) -> None:
             async def bare_parallel() -> None:
                 await asyncio.gather(*(loop.run_in_executor(bare, alt.limit_run, 1) for _ in "ab"))
 
+            # One round-robin for the limit and the pools, so that drift hits them alike.
             await interleaved(
                 run,
                 {
@@ -194,19 +195,13 @@ async def parallel(run: Run, kind: str) -> None:
                         1,
                     ),
                     f"{kind}/bare-two-processes": (bare_parallel, 1),
+                    f"{kind}/serial-1-thread": (serial, 1),
+                    f"{kind}/direct-default-threads": (serial, cpus),
+                    f"{kind}/ThreadPool": (lambda: tp.run_parallel(m1, m2, x), 1),
+                    f"{kind}/ProcessPool": (lambda: pp.run_parallel(m1, m2, x), 1),
                 },
                 n,
             )
-        await interleaved(
-            run,
-            {
-                f"{kind}/serial-1-thread": (serial, 1),
-                f"{kind}/direct-default-threads": (serial, cpus),
-                f"{kind}/ThreadPool": (lambda: tp.run_parallel(m1, m2, x), 1),
-                f"{kind}/ProcessPool": (lambda: pp.run_parallel(m1, m2, x), 1),
-            },
-            n,
-        )
         torch.set_num_threads(cpus)
         await lag_during(run, f"lag/{kind}/direct", serial, n)
         torch.set_num_threads(1)
