@@ -189,15 +189,10 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
                 self.add_done_callback(lambda _f: wake())
             else:  # the per-call path on asyncio and uvloop: one callback, one wake-up
                 box.append(loop.create_future())  # box[0]: what this task waits on now
-                ident = threading.get_ident()
                 wakeups = _wakeups(loop)
 
                 def wake_loop(_f: object) -> None:
-                    if threading.get_ident() == ident:  # completed in the loop's own thread
-                        if not loop.is_closed():
-                            _set_waiter(box[0])
-                    else:
-                        wakeups.wake(box[0])
+                    wakeups.wake(box[0])
 
                 self.add_done_callback(wake_loop)
         finally:
@@ -226,19 +221,25 @@ def _set_waiter(waiter: asyncio.Future[None]) -> None:
 
 
 class _Wakeups:
-    """Wakes waiting tasks of one asyncio loop from other threads, once for all of those that
-    completed together: the first completion schedules a drain (one ``call_soon_threadsafe``,
-    one write to the loop's self-pipe), later ones before it runs only join the list. A
-    Batcher completing 64 requests at once wakes the loop once instead of 64 times."""
+    """Wakes waiting tasks of one asyncio loop: at once in the loop's own thread (a task that
+    read its reply itself), and from other threads once for all of those that completed
+    together: the first completion schedules a drain (one ``call_soon_threadsafe``, one write
+    to the loop's self-pipe), later ones before it runs only join the list. A Batcher
+    completing 64 requests at once wakes the loop once instead of 64 times."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._ident = threading.get_ident()  # made in the loop's thread (see _wakeups)
         self._lock = threading.Lock()
         self._pending: list[asyncio.Future[None]] = []
         self._scheduled = False
 
     def wake(self, waiter: asyncio.Future[None]) -> None:
         """Any thread: ``waiter`` is to be set on the loop."""
+        if threading.get_ident() == self._ident:
+            if not self.loop.is_closed():
+                _set_waiter(waiter)
+            return
         with self._lock:
             self._pending.append(waiter)
             if self._scheduled:
@@ -263,6 +264,7 @@ _loop_local = threading.local()  # .wakeups: the _Wakeups of the loop this threa
 
 
 def _wakeups(loop: asyncio.AbstractEventLoop) -> _Wakeups:
+    """The running ``loop``'s _Wakeups (called in its thread)."""
     w: _Wakeups | None = getattr(_loop_local, "wakeups", None)
     if w is None or w.loop is not loop:
         w = _loop_local.wakeups = _Wakeups(loop)
@@ -298,14 +300,8 @@ def waker() -> tuple[Callable[[], None], Callable[[], Any]]:
 
         return wake_trio, event.wait
     waiter: asyncio.Future[None] = loop.create_future()
-
-    def wake_asyncio() -> None:
-        try:
-            loop.call_soon_threadsafe(_set_waiter, waiter)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-    return wake_asyncio, (lambda: waiter)
+    wakeups = _wakeups(loop)
+    return (lambda: wakeups.wake(waiter)), (lambda: waiter)
 
 
 async def wait_all(futures: Sequence[ForwardFuture[Any]], labels: Sequence[str]) -> list[Any]:

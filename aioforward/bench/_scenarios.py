@@ -133,7 +133,7 @@ async def seed(run: Run) -> None:
     record(run, "seed2/two-modules", [timed(lambda: shared(2)) for _ in range(n)])
     # Example 3: an executor running a module sent with each call, results on a Manager queue.
     with (
-        multiprocessing.get_context("spawn").Manager() as manager,
+        spawn.Manager() as manager,
         concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as ex,
     ):
         q = manager.Queue()

@@ -406,7 +406,7 @@ class PoolCore:
             # Nobody waits on _changed for a call's end (only shutdown, for CLOSED): no notify.
         if not abandoned:
             _complete(fut, result, exc)
-        item.payload = None  # release_inputs(), inlined
+        item.release_inputs()
         del result, exc
         if stop:
             w.stop()

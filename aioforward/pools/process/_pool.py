@@ -40,7 +40,6 @@ import itertools
 import multiprocessing
 import os
 import pickle
-import select
 import signal
 import threading
 import time
@@ -180,7 +179,7 @@ class ProcessWorker(Worker):
                 with self.read_lock:
                     if self.reader is not token or self.conn is not conn:
                         break
-                    if not select.select([fd], [], [], 0)[0]:
+                    if not tr.readable(fd):
                         continue
                     try:
                         data = conn.recv_bytes()

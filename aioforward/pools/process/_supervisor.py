@@ -17,7 +17,6 @@ import contextlib
 import multiprocessing.connection
 import os
 import pickle
-import select
 import threading
 import time
 import warnings
@@ -71,17 +70,17 @@ class Supervisor:
     def spawn(self, w: ProcessWorker) -> None:
         with self._lock:
             self._to_spawn.append(w)
-        self._poke()
+        self.poke()
 
     def stop(self, w: ProcessWorker) -> None:
         with self._lock:
             w.send_stop()  # no process yet: _start sees w.stopping and never starts it
-        self._poke()
+        self.poke()
 
     def close(self) -> None:
         with self._lock:
             self._closing = True
-        self._poke()
+        self.poke()
 
     def join(self, timeout: float | None) -> None:
         if self._thread is not threading.current_thread():
@@ -91,8 +90,6 @@ class Supervisor:
         """Wake the thread: it recomputes what it waits on."""
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
-
-    _poke = poke
 
     # ------------------------------------------------------------------ the thread
     def _main(self) -> None:
@@ -164,7 +161,7 @@ class Supervisor:
                 w.unread_since = None
                 continue
             try:
-                readable = bool(select.select([conn.fileno()], [], [], 0)[0])
+                readable = tr.readable(conn.fileno())
             except (OSError, ValueError):
                 continue
             if not readable:
@@ -226,7 +223,7 @@ class Supervisor:
                 return  # a task reads this reply itself
             try:
                 # A task that owned the pipe may have read what woke us before it let go.
-                if not select.select([conn.fileno()], [], [], 0)[0]:
+                if not tr.readable(conn.fileno()):
                     return
                 data = conn.recv_bytes()
             except (EOFError, OSError):

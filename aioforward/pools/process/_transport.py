@@ -41,6 +41,7 @@ import io
 import itertools
 import os
 import pickle
+import select
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,6 +201,11 @@ def recv_fds(conn: Connection, count: int) -> list[int]:
             os.close(fd)
         raise EOFError(f"expected {count} descriptors, got {len(fds)}")
     return fds
+
+
+def readable(fd: int) -> bool:
+    """Whether a read of ``fd`` would return at once (data or end of file)."""
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def unlink_prefix(prefix: str) -> None:
