@@ -84,7 +84,13 @@ async def _echo(ctx: Any) -> AsyncIterator[Callable[[], Any]]:
     waiting: list[asyncio.Future[bytes]] = []
 
     def readable() -> None:
-        data = conn.recv_bytes()
+        try:
+            data = conn.recv_bytes()
+        except EOFError:  # the echo process died: stop watching, fail who waits
+            loop.remove_reader(conn.fileno())
+            while waiting:
+                waiting.pop().set_exception(EOFError("the echo process exited"))
+            return
         if waiting:
             waiting.pop().set_result(data)
 
