@@ -12,13 +12,17 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["Spec", "flatten", "unflatten"]
+__all__ = ["LEAF", "Spec", "flatten", "unflatten"]
 
 Spec = tuple[Any, ...]
-_LEAF: Spec = ("leaf",)
+LEAF: Spec = ("leaf",)  # the spec of a leaf alone
+# Leaves known by their exact type, before any container check.
+_PLAIN_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, int, float, str, bool, type(None)})
 
 
 def flatten(obj: Any) -> tuple[list[Any], Spec]:
@@ -33,19 +37,30 @@ def flatten(obj: Any) -> tuple[list[Any], Spec]:
 
 
 def _flatten(obj: Any, leaves: list[Any]) -> Spec:
+    # The common shapes first, by exact type: a Batcher flattens every request's arguments,
+    # and ``is_dataclass`` alone costs more than the rest of a tuple of tensors.
+    cls = type(obj)
+    if cls is tuple or cls is list:
+        return ("seq", cls, tuple([_flatten(v, leaves) for v in obj]))
+    if cls is dict:
+        keys = tuple(obj)
+        return ("dict", cls, keys, tuple([_flatten(obj[k], leaves) for k in keys]))
+    if cls in _PLAIN_LEAVES:
+        leaves.append(obj)
+        return LEAF
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         names = tuple(f.name for f in dataclasses.fields(obj) if f.init)
-        kids = tuple(_flatten(getattr(obj, n), leaves) for n in names)
-        return ("dataclass", type(obj), names, kids)
+        kids = tuple([_flatten(getattr(obj, n), leaves) for n in names])
+        return ("dataclass", cls, names, kids)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return ("namedtuple", type(obj), tuple(_flatten(v, leaves) for v in obj))
+        return ("namedtuple", cls, tuple([_flatten(v, leaves) for v in obj]))
     if isinstance(obj, (tuple, list)):
-        return ("seq", type(obj), tuple(_flatten(v, leaves) for v in obj))
+        return ("seq", cls, tuple([_flatten(v, leaves) for v in obj]))
     if isinstance(obj, dict):
         keys = tuple(obj)
-        return ("dict", type(obj), keys, tuple(_flatten(obj[k], leaves) for k in keys))
+        return ("dict", cls, keys, tuple([_flatten(obj[k], leaves) for k in keys]))
     leaves.append(obj)
-    return _LEAF
+    return LEAF
 
 
 def unflatten(spec: Spec, leaves: Iterator[Any]) -> Any:

@@ -26,6 +26,7 @@ to no event loop (as the pools do).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import threading
@@ -39,14 +40,15 @@ import torch
 from . import _registry
 from ._api import DEFAULT, Default, resolve_pool
 from ._call import Call, ModuleSpec, check_module, module_name
-from ._future import ForwardFuture
+from ._future import ForwardFuture, _asyncio_loop
+from ._tree import LEAF as _LEAF
 from ._tree import Spec, flatten, unflatten
 from ._validate import check_int, check_number, check_timeout
 from .errors import PoolClosedError
 from .pools._base import Pool
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable
+    from collections.abc import Hashable, Sequence
 
 __all__ = ["Batcher", "BatcherStats"]
 
@@ -68,15 +70,28 @@ class BatcherStats:
     pending: int
 
 
+# Where a sample's row goes: the ForwardFuture that ``submit`` returned, or the asyncio future
+# of a caller that awaits ``batcher(x)`` on asyncio or uvloop (set in its loop's thread).
+_Sink = ForwardFuture[Any] | asyncio.Future[Any]
+
+
 class _Batch:
-    __slots__ = ("deadline", "futures", "key", "leaves", "spec")
+    __slots__ = ("deadline", "futures", "key", "leaves", "out", "spec")
 
     def __init__(self, key: Hashable, spec: Spec, deadline: float) -> None:
         self.key = key
         self.spec = spec
         self.deadline = deadline  # runs when a slot is free and this time has come
         self.leaves: list[list[Any]] = []
-        self.futures: list[ForwardFuture[Any]] = []
+        self.futures: list[_Sink] = []
+        self.out: concurrent.futures.Future[Any] | None = None  # the pool's call, once run
+
+    def abandon(self, f: Any) -> None:
+        """A caller's future ended: cancel the pool's call if it was the last caller to leave
+        (checking all of them only when this one was cancelled, or it would be quadratic)."""
+        out = self.out
+        if out is not None and f.cancelled() and all(g.cancelled() for g in self.futures):
+            out.cancel()
 
 
 class Batcher:
@@ -149,11 +164,24 @@ class Batcher:
         the built-in ``TimeoutError``.
         """
         check_timeout(timeout)
-        fut = self.submit(*args, **kwargs)
-        if timeout is None:  # no cancel scope: it costs more than the rest of the call
-            return await fut
-        with anyio.fail_after(timeout):
-            return await fut
+        loop = _asyncio_loop()
+        if loop is None:  # trio: through a ForwardFuture
+            fut: Any = self.submit(*args, **kwargs)
+            batch = None
+        else:
+            # On asyncio and uvloop the row goes straight into a future of this loop: no
+            # thread-safe future, callback or hand-off of its own per request; a batch's
+            # rows reach each loop in one call (see _deliver).
+            fut = loop.create_future()
+            batch = self._add(args, kwargs, fut)
+        try:
+            if timeout is None:  # no cancel scope: it costs more than the rest of the call
+                return await fut
+            with anyio.fail_after(timeout):
+                return await fut
+        finally:
+            if batch is not None and fut.cancelled():  # this caller left (cancel, timeout)
+                batch.abandon(fut)
 
     def submit(self, *args: Any, **kwargs: Any) -> ForwardFuture[Any]:
         """Add one sample to the next batch; return its future at once (thread-safe).
@@ -163,9 +191,15 @@ class Batcher:
             fut = batcher.submit(x)
             row = await fut          # or fut.result() from sync code
         """
+        fut: ForwardFuture[Any] = ForwardFuture()
+        batch = self._add(args, kwargs, fut)
+        fut.add_done_callback(batch.abandon)
+        return fut
+
+    def _add(self, args: tuple[Any, ...], kwargs: dict[str, Any], fut: _Sink) -> _Batch:
+        """Put one sample in the batch it can share; return that batch."""
         leaves, spec = flatten((args, kwargs))
         key = (spec, tuple(_signature(v) for v in leaves))
-        fut: ForwardFuture[Any] = ForwardFuture()
         with self._cv:
             if self._closed:
                 raise PoolClosedError(f"cannot submit to {self._name}: it has been closed")
@@ -183,7 +217,7 @@ class Batcher:
             self._ensure_thread_locked()
             if wake:  # a sample joining a waiting batch changes nothing for the flusher
                 self._cv.notify()
-        return fut
+        return batch
 
     # ------------------------------------------------------------------ flushing
     def _ensure_thread_locked(self) -> None:
@@ -194,6 +228,10 @@ class Batcher:
             self._thread.start()
 
     def _flusher(self) -> None:
+        # Stacking a batch is a small copy: on this thread alone (OpenMP keeps the count per
+        # thread), or the OpenMP team it would start here spins on the cores the forward
+        # passes need for milliseconds after every batch.
+        torch.set_num_threads(1)
         while True:
             with self._cv:
                 due, wait = self._due_locked()
@@ -245,20 +283,14 @@ class Batcher:
             out = pool.submit_call(Call(self.module, tuple(args), dict(kwargs)))
         except BaseException as exc:
             self._done_one()
-            for f in futures:
-                _settle(f, exc=exc)
+            _deliver(futures, exc=exc)
             return
         with self._lock:
             self._batches += 1
             self._samples += len(futures)
             self._largest = max(self._largest, len(futures))
-
-        def abandon(_f: concurrent.futures.Future[Any]) -> None:
-            if all(f.cancelled() for f in futures):
-                out.cancel()
-
-        for f in futures:
-            f.add_done_callback(abandon)
+        batch.out = out
+        batch.abandon(futures[0])  # every caller may have left while it was submitted
         out.add_done_callback(lambda o: self._split(o, futures))
 
     def _done_one(self) -> None:
@@ -266,18 +298,14 @@ class Batcher:
             self._in_flight -= 1
             self._cv.notify()  # a slot is free: the flusher may start the next batch
 
-    def _split(
-        self, out: concurrent.futures.Future[Any], futures: list[ForwardFuture[Any]]
-    ) -> None:
+    def _split(self, out: concurrent.futures.Future[Any], futures: list[_Sink]) -> None:
         self._done_one()
         if out.cancelled():
-            for f in futures:
-                f.cancel()
+            _deliver(futures, cancel=True)
             return
         exc = out.exception()
         if exc is not None:
-            for f in futures:
-                _settle(f, exc=exc)
+            _deliver(futures, exc=exc)
             return
         leaves, spec = flatten(out.result())
         n = len(futures)
@@ -288,12 +316,17 @@ class Batcher:
                     f"for a batch of {n} samples; each output tensor needs one row per "
                     "sample along dimension 0"
                 )
-                for f in futures:
-                    _settle(f, exc=bad)
+                _deliver(futures, exc=bad)
                 return
-        for i, f in enumerate(futures):
-            rows = (leaf[i] if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves)
-            _settle(f, result=unflatten(spec, rows))
+        # Each tensor split at once (unbind: the same views as indexing, in one call).
+        columns = [
+            leaf.unbind(0) if isinstance(leaf, torch.Tensor) else (leaf,) * n for leaf in leaves
+        ]
+        if spec == _LEAF:  # the module returned one tensor (or value): each row as it is
+            rows: Sequence[Any] = columns[0]
+        else:
+            rows = [unflatten(spec, iter(row)) for row in zip(*columns, strict=True)]
+        _deliver(futures, rows)
 
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> BatcherStats:
@@ -354,9 +387,43 @@ def _signature(leaf: Any) -> Hashable:
     return ("value", type(leaf), leaf)
 
 
-def _settle(f: ForwardFuture[Any], result: Any = None, exc: BaseException | None = None) -> None:
-    with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
-        if exc is not None:
+def _deliver(
+    futures: Sequence[_Sink],
+    rows: Sequence[Any] | None = None,
+    exc: BaseException | None = None,
+    cancel: bool = False,
+) -> None:
+    """End each caller's future: with its row, ``exc``, or cancelled. A ForwardFuture is set
+    here (any thread); the asyncio futures of one loop are set by one call in that loop."""
+    loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for i, f in enumerate(futures):
+        row = rows[i] if rows is not None else None
+        if isinstance(f, ForwardFuture):
+            try:
+                if cancel:
+                    f.cancel()
+                elif exc is not None:
+                    f.set_exception(exc)
+                else:
+                    f.set_result(row)
+            except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+                pass
+        elif not f.done():  # a racy read, made good in _settle_in_loop
+            loops.setdefault(f.get_loop(), []).append((f, row))
+    for loop, pairs in loops.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody awaits there
+            loop.call_soon_threadsafe(_settle_in_loop, pairs, exc, cancel)
+
+
+def _settle_in_loop(
+    pairs: list[tuple[asyncio.Future[Any], Any]], exc: BaseException | None, cancel: bool
+) -> None:
+    for f, row in pairs:
+        if f.done():  # its caller was cancelled or timed out
+            continue
+        if cancel:
+            f.cancel()
+        elif exc is not None:
             f.set_exception(exc)
         else:
-            f.set_result(result)
+            f.set_result(row)

@@ -226,3 +226,90 @@ def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], exc: type, word
 def test_module_must_be_a_module() -> None:
     with pytest.raises(TypeError, match="module must be"):
         af.Batcher(torch.ones(1))  # type: ignore[arg-type]
+
+
+async def test_batch_left_by_all_its_awaiting_callers_is_cancelled_in_the_pool() -> None:
+    m = Held()
+    async with (
+        af.ThreadPool(workers=1) as pool,
+        af.Batcher(m, pool, max_batch_size=2, max_in_flight=2) as batcher,
+    ):
+        first = batcher.submit(torch.ones(4))
+        await anyio.to_thread.run_sync(m.entered.wait, 10)  # the only worker is held
+        timed_out: list[bool] = []
+
+        async def caller() -> None:
+            try:
+                await batcher(torch.ones(4), timeout=0.2)
+            except TimeoutError:
+                timed_out.append(True)
+
+        async with anyio.create_task_group() as tg:  # a full batch, queued in the pool
+            for _ in range(2):
+                tg.start_soon(caller)
+        assert timed_out == [True, True]
+        m.release.set()
+        await first
+        await anyio.sleep(0.2)
+        assert_pool_idle(pool)
+    assert m.sizes == [1]  # the batch both callers left never ran
+    assert pool.stats().completed == 1
+
+
+def test_rows_reach_callers_on_several_event_loops() -> None:
+    """One Batcher, callers on two asyncio loops in two threads: a batch holding samples of
+    both hands each loop its own rows."""
+    m = Recorder()
+    results: dict[int, list[torch.Tensor]] = {}
+    with af.ThreadPool(workers=1) as pool, af.Batcher(m, pool, max_delay=0.3) as batcher:
+        barrier = threading.Barrier(2)
+
+        def client(k: int) -> None:
+            async def main() -> None:
+                barrier.wait(10)
+                results[k] = [await batcher(torch.full((4,), float(k)))]
+
+            anyio.run(main)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert m.sizes == [2]  # one batch for both loops
+    with torch.inference_mode():
+        for k in (1, 2):
+            torch.testing.assert_close(results[k][0], m.lin(torch.full((4,), float(k))))
+
+
+def test_flatten_keeps_every_container_type() -> None:
+    import collections
+    import dataclasses
+
+    from aioforward._tree import flatten, unflatten
+
+    @dataclasses.dataclass
+    class Box:
+        t: torch.Tensor
+        n: int
+
+    class Items(list[Any]):
+        pass
+
+    t = torch.ones(2)
+    p = nn.Parameter(torch.zeros(1))
+    obj = (
+        collections.OrderedDict(a=t),
+        M.Point(t, "tag"),
+        Items([t, 1]),
+        Box(t, 3),
+        {"p": p, "none": None},
+        [1.5, "s"],
+    )
+    leaves, spec = flatten(obj)
+    assert len(leaves) == 11 and leaves[2] == "tag" and leaves[7] is p
+    back = unflatten(spec, iter(leaves))
+    assert type(back[0]) is collections.OrderedDict and type(back[1]) is M.Point
+    assert type(back[2]) is Items and back[2][1] == 1
+    assert type(back[3]) is Box and back[3].n == 3
+    assert back[4]["p"] is p and back[4]["none"] is None and back[5] == [1.5, "s"]

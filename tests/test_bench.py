@@ -60,8 +60,10 @@ FIGURES = {
     "batching": [
         "batch/ThreadPool/Batcher",
         "batch/ThreadPool/unbatched",
+        "batch/ThreadPool/tasks-only",
         "batch/ProcessPool/Batcher",
         "batch/ProcessPool/unbatched",
+        "batch/ProcessPool/tasks-only",
         "batch/lone/Batcher",
         "batch/lone/forward",
     ],

@@ -262,14 +262,20 @@ def _batching(r: Results) -> list[Target]:
             )
         )
         cpu = r[f"batch/{pool}/Batcher"].get("parent_cpu")
-        if pool == "ProcessPool" and cpu is not None:
+        alone = r.get(f"batch/{pool}/tasks-only", {}).get("parent_cpu")
+        if pool == "ProcessPool" and cpu is not None and alone is not None:
+            # The requests' own tasks (anyio's task group) are the caller's cost, measured
+            # beside: the target is what serving them through the Batcher adds.
+            net = cpu - alone
             out.append(
                 Target(
-                    "Batcher on ProcessPool: parent CPU per request (time.process_time)",
+                    "Batcher on ProcessPool: parent CPU per request (time.process_time), "
+                    "above the requests' own tasks",
                     "<= 20 us",
-                    f"{cpu * 1e6:.0f} us (unbatched: "
-                    f"{r[f'batch/{pool}/unbatched']['parent_cpu'] * 1e6:.0f} us)",
-                    cpu <= 20e-6,
+                    f"{net * 1e6:.0f} us ({cpu * 1e6:.0f} us in all, the tasks alone "
+                    f"{alone * 1e6:.0f} us; unbatched: "
+                    f"{(r[f'batch/{pool}/unbatched']['parent_cpu'] - alone) * 1e6:.0f} us)",
+                    net <= 20e-6,
                 )
             )
     added = r["batch/lone/Batcher"]["median"] - r["batch/lone/forward"]["median"]

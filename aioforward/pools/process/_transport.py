@@ -154,7 +154,7 @@ class Segment:
         count = _numel(shape)
         if count == 0:
             return torch.empty(shape, dtype=dtype)
-        nbytes = count * _itemsize(dtype)
+        nbytes = count * dtype.itemsize
         return self.buf[offset : offset + nbytes].view(dtype).view(shape)
 
     def release(self) -> None:
@@ -239,10 +239,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
