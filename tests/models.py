@@ -23,6 +23,17 @@ class Tiny(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+class Pair(nn.Module):
+    """Two tensors in, one out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.a(x) * y.sum()
+
+
 def mlp(width: int = 1024, depth: int = 4) -> nn.Module:
     layers: list[nn.Module] = []
     for _ in range(depth):

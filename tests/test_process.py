@@ -553,3 +553,57 @@ async def test_loop_blocked_on_a_call_queued_behind_its_own_does_not_deadlock() 
             assert time.monotonic() - t0 < 5
         assert len(results) == 1 and int(results[0]) in p.worker_pids()  # type: ignore[call-overload]
         assert p.stats().completed == 2
+
+
+FRAME_CASES = [
+    torch.randn(3, 4),
+    torch.randn(2, dtype=torch.float64),
+    torch.randn(5, dtype=torch.float16),
+    torch.randn(5, dtype=torch.bfloat16),
+    torch.arange(6, dtype=torch.int64).view(2, 3),
+    torch.arange(6, dtype=torch.int32),
+    torch.arange(6, dtype=torch.int16),
+    torch.arange(-3, 3, dtype=torch.int8),
+    torch.arange(6, dtype=torch.uint8),
+    torch.tensor([True, False]),
+    torch.randn(3, dtype=torch.complex64),
+    torch.randn(3, dtype=torch.complex128),
+    torch.tensor(2.5),  # 0-dim
+    torch.empty(0, 3),  # no elements
+    torch.randn(4, 3).t(),  # not contiguous
+    torch.randn(1000)[10:13],  # a view of a larger storage: only its bytes travel
+]
+
+
+async def test_small_tensor_calls_travel_in_binary_frames_exactly(
+    shared: af.ProcessPool,
+) -> None:
+    """Plain small tensors in and out skip pickle (see _frames): every dtype, shape and
+    view comes back equal, as an ordinary tensor the caller owns."""
+    echo = torch.nn.Identity()
+    for x in FRAME_CASES:
+        y = await shared.forward(echo, x)
+        assert y.dtype == x.dtype and y.shape == x.shape, x
+        assert torch.equal(y, x), x
+        assert type(y) is torch.Tensor and not y.requires_grad
+        y.fill_(0)  # writable, ours
+    two = M.Pair()
+    a, b = torch.randn(2, 10), torch.randn(2, 10)
+    with torch.inference_mode():
+        want = two(a, b)
+    torch.testing.assert_close(await shared.forward(two, a, b), want)
+
+
+def test_frames_are_told_from_pickles() -> None:
+    import pickle
+
+    from aioforward.pools.process import _frames as fr
+
+    for proto in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.dumps(af.PoolStats, protocol=proto)[0] not in (fr.CALL, fr.REPLY)
+    x, y = torch.randn(2, 3), torch.arange(4)
+    seq, key, args = fr.read_call(fr.call_frame(9, (123, 4), fr.encode_args((x, y))))
+    assert (seq, key) == (9, (123, 4)) and torch.equal(args[0], x) and torch.equal(args[1], y)
+    assert not fr.plain_small(torch.nn.Parameter(x), 1 << 16)  # pickled: keeps its type
+    assert not fr.plain_small(torch.randn(100), 16)  # over the inline limit: shared memory
+    assert not fr.plain_small(torch.randn(2, dtype=torch.complex64).conj(), 1 << 16)

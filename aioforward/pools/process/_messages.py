@@ -43,7 +43,9 @@ class CallMsg(NamedTuple):
     (module ref, args, kwargs)).
     ``seq``: the call's number (the parent writes it into the control word to cancel it);
     ``stream``: for a streaming call, the items the worker may send ahead (its credits);
-    ``control``: the control segment's sid, with the first call only."""
+    ``control``: the control segment's sid, with the first call only;
+    ``binary``: ``body`` is an args section of ``_frames`` (tensors alone), not a pickle.
+    (A call that needs none of the other fields travels as a bare ``_frames`` call frame.)"""
 
     new: tuple[SegmentRef, ...]
     request: int | None
@@ -55,6 +57,7 @@ class CallMsg(NamedTuple):
     stream: int = 0
     control: int | None = None
     ref: tuple[Any, ...] | None = None
+    binary: bool = False
 
 
 class StreamCtl(NamedTuple):

@@ -52,6 +52,7 @@ from ...errors import SerializationError, WorkerCrashedError
 from .._base import Backend, Pool
 from .._worker import Worker, WorkItem
 from ..thread import apply_torch_threads, claim_torch_threads, release_torch_threads
+from . import _frames as fr
 from . import _transport as tr
 from ._messages import MAIN_GUARD_EXIT, OOM_EXIT, CallMsg, Stop, StreamCtl
 from ._shipping import ModuleShipper
@@ -390,6 +391,13 @@ class ProcessBackend(Backend):
 
     def prepare(self, c: Call) -> Any:
         key, ref = self.shipper.reference(c.module)
+        if (
+            ref[0] == "m"
+            and not c.kwargs
+            and len(c.args) < 256
+            and all(fr.plain_small(a, self.inline_bytes) for a in c.args)
+        ):  # the common small call: its tensors in a binary frame, no pickle (see _frames)
+            return (key, ref, fr.encode_args(c.args), None)
         box = tr.Outbox(self.inline_bytes)
         # A shipped module's reference is a few ints and a name: it travels in the CallMsg,
         # outside the body, whose pickler calls back into Python for every object it holds.
@@ -426,7 +434,7 @@ class ProcessBackend(Backend):
         new: list[tr.Segment] = []
         table: list[tuple[int, str, tuple[int, ...]]] = []
         request = None
-        need = box.big_bytes()
+        need = box.big_bytes() if box is not None else 0
         if need:
             old = w.req_seg
             w.req_seg = tr.ensure_segment(old, f"{self.prefix}w{w.wid}_in", need, self.memfd)
@@ -448,19 +456,23 @@ class ProcessBackend(Backend):
         if item.stream is not None:
             stream = item.stream.buffer
             item.stream.on_take = _Credits(w, item.seq, stream).take
-        msg = CallMsg(
-            tuple(s.ref for s in new),
-            request,
-            table,
-            drops,
-            load,
-            body,
-            item.seq,
-            stream,
-            control,
-            head,
-        )
-        data = pickle.dumps(msg, protocol=5)
+        if box is None and not new and load is None and not drops and not stream:
+            data = fr.call_frame(item.seq, key, body)
+        else:
+            msg = CallMsg(
+                tuple(s.ref for s in new),
+                request,
+                table,
+                drops,
+                load,
+                body,
+                item.seq,
+                stream,
+                control,
+                head,
+                box is None,
+            )
+            data = pickle.dumps(msg, protocol=5)
         item.release_inputs()  # the inputs are copied: drop our references to them
         item.transfer_s = time.perf_counter() - t0
         conn = w.conn

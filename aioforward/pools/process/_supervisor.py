@@ -23,6 +23,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from ...errors import RemoteTraceback, SerializationError, WorkerStartError
+from . import _frames as fr
 from . import _transport as tr
 from ._messages import (
     MAIN_GUARD_EXIT,
@@ -233,6 +234,9 @@ class Supervisor:
     def handle(self, w: ProcessWorker, data: bytes) -> bool:
         """Act on one message from ``w`` (read by this thread or by the task that awaits the
         call, under ``w.read_lock``); return whether it ended the call."""
+        if data[0] == fr.REPLY:  # a small tensor result, in a frame of its own
+            self._on_reply(w, data)
+            return True
         msg = pickle.loads(data)
         if isinstance(msg, Ready):
             w.reported_ready = True
@@ -258,12 +262,17 @@ class Supervisor:
                 stacklevel=1,
             )
             return
-        w.calls += 1
         t_recv = time.perf_counter()
         result: Any = None
         exc: BaseException | None = None
-        if isinstance(msg, Ok):
-            item.compute_s = msg.compute_s
+        compute_s = 0.0
+        if isinstance(msg, bytes):  # a reply frame
+            try:
+                compute_s, result = fr.read_reply(msg)
+            except Exception as e:  # cannot happen; fail the call rather than hang it
+                exc = SerializationError(f"the result of {item.name} could not be read: {e}")
+        elif isinstance(msg, Ok):
+            compute_s = msg.compute_s
             result, exc = self._read(w, msg, f"the result of {item.name}")
         elif isinstance(msg, Raised):
             exc = msg.error.rebuild()
@@ -274,6 +283,8 @@ class Supervisor:
             exc.__cause__ = RemoteTraceback(msg.traceback)
         else:
             exc = RuntimeError(f"unexpected message from worker pid {w.pid}: {msg!r}")
+        w.calls += 1
+        item.compute_s = compute_s
         if w.stream_error is not None:
             exc, w.stream_error, result = w.stream_error, None, None
         item.transfer_s += time.perf_counter() - t_recv  # send-side copy + receive-side unpickle

@@ -22,6 +22,7 @@ import torch
 from ... import _cancel
 from ..._stream import iter_of, not_a_call
 from ...errors import WorkerStartError, encode_exception
+from . import _frames as fr
 from ._messages import (
     OOM_EXIT,
     CallMsg,
@@ -110,7 +111,14 @@ class _Server:
     def serve(self) -> None:
         while True:
             try:
-                msg = pickle.loads(self.conn.recv_bytes())
+                data = self.conn.recv_bytes()
+                if data[0] == fr.CALL:  # the common small call, in a frame of its own
+                    seq, key, args = fr.read_call(data)
+                    del data
+                    self._call(CallMsg((), None, [], (), None, b"", seq, ref=("m", key)), args)
+                    continue
+                msg = pickle.loads(data)
+                del data
                 if isinstance(msg, Stop):
                     return
                 if isinstance(msg, StreamCtl):
@@ -140,7 +148,8 @@ class _Server:
             if sid is not None and sid not in self.weights_of.values():
                 self.segments.pop(sid, None)
 
-    def _call(self, msg: CallMsg) -> None:
+    def _call(self, msg: CallMsg, framed: tuple[Any, ...] | None = None) -> None:
+        """Run one call (``framed``: its arguments, read from a call frame) and reply."""
         t0 = time.perf_counter()
         _cancel.set_process_seq(msg.seq)
         try:
@@ -152,7 +161,13 @@ class _Server:
                     load_module(blob, self.segments[wsid] if wsid is not None else None)
                 )
             seg = self.segments[msg.request] if msg.request is not None else None
-            if msg.ref is not None:
+            kwargs: dict[str, Any]
+            if framed is not None or msg.binary:  # a shipped module's ref, tensors alone
+                assert msg.ref is not None
+                ref, kwargs = msg.ref, {}
+                args = framed if framed is not None else fr.read_args(msg.body)
+                framed = None
+            elif msg.ref is not None:
                 ref = msg.ref
                 args, kwargs = loads(msg.body, seg, msg.table, copy=False)
             else:
@@ -185,6 +200,12 @@ class _Server:
         finally:
             _cancel.set_process_seq(-1)
         compute = time.perf_counter() - t0
+        if not msg.stream and fr.plain_small(out, self.opts.inline_bytes):
+            assert isinstance(out, torch.Tensor)
+            data = fr.reply_frame(compute, out)
+            del out
+            _send_bytes(self.conn, data)
+            return
         box = Outbox(self.opts.inline_bytes)
         new: tuple[SegmentRef, ...] = ()
         try:
@@ -305,8 +326,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _send(conn: Connection, msg: Any, fds: list[int] | None = None) -> None:
+    _send_bytes(conn, pickle.dumps(msg, protocol=5), fds)
+
+
+def _send_bytes(conn: Connection, data: bytes, fds: list[int] | None = None) -> None:
     try:
-        conn.send_bytes(pickle.dumps(msg, protocol=5))
+        conn.send_bytes(data)
         if fds:
             send_fds(conn, fds)
     except (BrokenPipeError, OSError):

@@ -1,0 +1,133 @@
+"""Binary frames for the common small call: a shipped module applied to a few small plain
+tensors, and a reply that is one small plain tensor.
+
+Such a call skips pickle on both sides (a pickled call runs the pickler's Python callback
+for every object, and unpickling a message looks its class up by name): a fixed
+little-endian header, then each tensor as its dtype code, shape and bytes. A pickle
+(protocol 2 and above) starts with ``0x80``, so the first byte tells a frame from a pickled
+message. Everything else (keyword arguments, large tensors in shared memory, module loads,
+streams) travels pickled as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Any
+
+import torch
+
+from ._transport import _as_bytes
+
+CALL = 0x01  # parent -> worker: seq, module key, then the argument tensors
+REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
+
+_CALL_HEAD = struct.Struct("<Bqqq")  # tag, seq, module key (id, version); then the args
+_COUNT = struct.Struct("<B")  # the args section: how many tensors, then each
+_REPLY_HEAD = struct.Struct("<Bd")  # tag, compute_s
+_TENSOR_HEAD = struct.Struct("<BB")  # dtype code, ndim
+_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+)
+_CODES = {dt: i for i, dt in enumerate(_DTYPES)}
+_SHAPES = [struct.Struct(f"<{n}q") for n in range(256)]  # by ndim
+
+
+def plain_small(t: Any, limit: int) -> bool:
+    """Whether ``t`` can travel in a frame: an ordinary CPU tensor of a listed dtype, at
+    most ``limit`` bytes, with no lazy conjugate or negation."""
+    return (
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and t.layout is torch.strided
+        and t.dtype in _CODES
+        and t.numel() * t.element_size() <= limit
+        and not t.is_conj()
+        and not t.is_neg()
+    )
+
+
+def _pack(t: torch.Tensor, out: list[bytes]) -> None:
+    shape = t.shape
+    out.append(_TENSOR_HEAD.pack(_CODES[t.dtype], len(shape)))
+    out.append(_SHAPES[len(shape)].pack(*shape))
+    out.append(_as_bytes(t.detach()))
+
+
+def _unpack(data: bytes, base: int, off: int) -> tuple[torch.Tensor, int]:
+    """The tensor at ``off`` in ``data`` (whose bytes start at address ``base``), copied
+    into memory of its own: torch's allocator aligns it, as its kernels expect."""
+    code, ndim = _TENSOR_HEAD.unpack_from(data, off)
+    off += _TENSOR_HEAD.size
+    shape = _SHAPES[ndim].unpack_from(data, off)
+    off += _SHAPES[ndim].size
+    dtype = _DTYPES[code]
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * dtype.itemsize
+    if off + nbytes > len(data):
+        raise ValueError(f"a frame of {len(data)} bytes ends inside a tensor")
+    if nbytes:
+        ctypes.memmove(t.data_ptr(), base + off, nbytes)
+    return t, off + nbytes
+
+
+def _address(data: bytes) -> int:
+    """Where the bytes of ``data`` lie (a bytes object's own buffer: no copy)."""
+    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    assert address is not None
+    return address
+
+
+def encode_args(args: tuple[torch.Tensor, ...]) -> bytes:
+    """The args section of a call (at most 255 tensors, each passing :func:`plain_small`)."""
+    out = [_COUNT.pack(len(args))]
+    for t in args:
+        _pack(t, out)
+    return b"".join(out)
+
+
+def read_args(data: bytes, off: int = 0) -> tuple[torch.Tensor, ...]:
+    """The tensors of an args section at ``off`` in ``data``."""
+    base = _address(data)
+    (count,) = _COUNT.unpack_from(data, off)
+    off += _COUNT.size
+    args = []
+    for _ in range(count):
+        t, off = _unpack(data, base, off)
+        args.append(t)
+    return tuple(args)
+
+
+def call_frame(seq: int, key: tuple[int, int], args: bytes) -> bytes:
+    """A whole call: ``args`` from :func:`encode_args`."""
+    return _CALL_HEAD.pack(CALL, seq, key[0], key[1]) + args
+
+
+def read_call(data: bytes) -> tuple[int, tuple[int, int], tuple[torch.Tensor, ...]]:
+    """``(seq, module key, args)`` of a call frame."""
+    _, seq, k0, k1 = _CALL_HEAD.unpack_from(data)
+    return seq, (k0, k1), read_args(data, _CALL_HEAD.size)
+
+
+def reply_frame(compute_s: float, result: torch.Tensor) -> bytes:
+    out = [_REPLY_HEAD.pack(REPLY, compute_s)]
+    _pack(result, out)
+    return b"".join(out)
+
+
+def read_reply(data: bytes) -> tuple[float, torch.Tensor]:
+    """``(compute_s, result)`` of a reply frame."""
+    _, compute_s = _REPLY_HEAD.unpack_from(data)
+    result, _ = _unpack(data, _address(data), _REPLY_HEAD.size)
+    return compute_s, result
