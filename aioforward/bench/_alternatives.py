@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import _models
+from .._malloc import keep_freed_memory
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -123,11 +124,13 @@ def echo_main(conn: Any) -> None:
 
 def limit_init(kind: str) -> None:
     """Initializer of a bare single-threaded process holding one module and its input (the
-    limit of two modules at once: pure compute, nothing moved per call).
+    limit of two modules at once: pure compute, nothing moved per call), with the glibc
+    malloc settings a ProcessPool worker has, so that both compute alike.
 
     Example: ``ProcessPoolExecutor(2, initializer=limit_init, initargs=("mlp",))``.
     """
     global _pe_module, _limit_x
+    keep_freed_memory()
     torch.set_num_threads(1)
     _pe_module = build(kind)
     _limit_x = _models.INPUTS[kind]()
@@ -136,16 +139,22 @@ def limit_init(kind: str) -> None:
 _limit_x: Any = None
 
 
-def limit_run(times: int) -> int:
-    """Run the process's module ``times`` times on its own input; return the pid.
+def limit_run(times: int, start_at: float = 0.0) -> tuple[float, float, int]:
+    """Wait until ``start_at`` (``time.monotonic``, one clock for every process here), run
+    the process's module ``times`` times on its own input; return when it started and ended,
+    and the pid. Timed inside the process, so the executor's hand-offs are not in the limit.
 
-    Example: ``await loop.run_in_executor(executor, limit_run, 2)``.
+    Example: ``await loop.run_in_executor(executor, limit_run, 2, time.monotonic() + 0.02)``.
     """
     assert _pe_module is not None, "limit_run needs limit_init as the initializer"
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    t0 = time.monotonic()
     with torch.inference_mode():
         for _ in range(times):
             _pe_module(_limit_x)
-    return os.getpid()
+    return t0, time.monotonic(), os.getpid()
 
 
 def _into_shared(kind: str, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -25,6 +25,11 @@ Step = Callable[[], Awaitable[Any]]
 SETTLE_S = 0.05  # after a variant at more than one torch thread, before the next one
 
 
+class Measured(float):
+    """Returned by a step that times itself (seconds): :func:`interleaved` records it
+    instead of the step's wall time."""
+
+
 class Skip(Exception):
     """A scenario cannot run here (an optional package, a GPU); the message says why."""
 
@@ -99,9 +104,11 @@ async def interleaved(
             torch.set_num_threads(threads)
             for _ in range(block):
                 t0 = time.perf_counter()
-                await step()
+                out = await step()
                 if not warm:
-                    samples[name].append(time.perf_counter() - t0)
+                    dt = time.perf_counter() - t0
+                    samples[name].append(float(out) if isinstance(out, Measured) else dt)
+                del out
             if threads > 1:
                 # A baseline run on torch's OpenMP team (direct calls at default threads):
                 # the team's threads spin for milliseconds after it, on the cores the next
