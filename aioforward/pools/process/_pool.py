@@ -342,6 +342,7 @@ class ProcessBackend(Backend):
         self._wids = itertools.count()
         self._released = False
         self._restore: int | None = None  # parent_threads: the count to restore at close
+        self._room_checked = 0  # the largest request size check_room has passed
 
     # ------------------------------------------------------------------ Backend
     def new_worker(self, core: PoolCore) -> Worker:
@@ -422,8 +423,13 @@ class ProcessBackend(Backend):
                 f"{type(exc).__name__}: {exc}{hint}"
             ) from exc
         need = box.big_bytes()
-        if need:
+        if need > self._room_checked:
+            # Fail here, in submit, when the tensors cannot be placed. Only for a size not
+            # seen before: segments are reused, and the check reads /proc/meminfo, which
+            # cost more than the rest of a call. (A segment that cannot be made later still
+            # fails its call with the same error: see Segment.create.)
             tr.check_room(need, self.shm_limit, self.memfd)
+            self._room_checked = need
         return (key, head, body, box)
 
     def send_call(self, w: ProcessWorker, item: WorkItem) -> None:
