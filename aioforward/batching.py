@@ -198,8 +198,11 @@ class Batcher:
 
     def _add(self, args: tuple[Any, ...], kwargs: dict[str, Any], fut: _Sink) -> _Batch:
         """Put one sample in the batch it can share; return that batch."""
-        leaves, spec = flatten((args, kwargs))
-        key = (spec, tuple(_signature(v) for v in leaves))
+        if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor:
+            leaves, spec = list(args), _ONE_TENSOR  # the common request: one tensor
+        else:
+            leaves, spec = flatten((args, kwargs))
+        key = (spec, tuple([_signature(v) for v in leaves]))
         with self._cv:
             if self._closed:
                 raise PoolClosedError(f"cannot submit to {self._name}: it has been closed")
@@ -376,10 +379,13 @@ class Batcher:
         )
 
 
+_ONE_TENSOR = flatten(((torch.empty(0),), {}))[1]  # the spec of batcher(x)
+
+
 def _signature(leaf: Any) -> Hashable:
     """What must match for two samples' leaves to share a batch."""
-    if isinstance(leaf, torch.Tensor):
-        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad)
+    if isinstance(leaf, torch.Tensor):  # (torch.Size is a tuple)
+        return ("tensor", leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad)
     try:
         hash(leaf)
     except TypeError:
