@@ -175,11 +175,7 @@ class _Server:
             fn = self._resolve(ref)
             owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
             # results are rebuilt as ordinary tensors in the parent
-            mode = (
-                torch.inference_mode
-                if isinstance(owner, torch.nn.Module)
-                else contextlib.nullcontext
-            )
+            mode = _inference if isinstance(owner, torch.nn.Module) else contextlib.nullcontext
             _cancel.check_cancelled()  # cancelled while it was on its way
             if msg.stream:
                 self._stream(msg, fn, args, kwargs, mode)
@@ -314,6 +310,12 @@ class _Server:
                     ) from exc
             return self.modules[key]
         return ref[1]
+
+
+def _inference() -> contextlib.AbstractContextManager[Any]:
+    """``torch.inference_mode()`` without its Python wrapper: 1.5 us instead of 3.5 us here,
+    against 22 us for the tiny module's whole forward pass."""
+    return torch._C._InferenceMode(True)
 
 
 def _is_oom(exc: BaseException) -> bool:
