@@ -607,3 +607,31 @@ def test_frames_are_told_from_pickles() -> None:
     assert not fr.plain_small(torch.nn.Parameter(x), 1 << 16)  # pickled: keeps its type
     assert not fr.plain_small(torch.randn(100), 16)  # over the inline limit: shared memory
     assert not fr.plain_small(torch.randn(2, dtype=torch.complex64).conj(), 1 << 16)
+
+
+async def test_first_calls_of_a_module_from_several_threads_at_once() -> None:
+    """A cold pool gets a module's first calls from threads at once (a Batcher's flusher and
+    a task do this): the module is shipped once and every call runs."""
+    m = M.mlp(256, 2)
+    x = torch.randn(4, 256)
+    with torch.inference_mode():
+        want = m(x)
+    with af.ProcessPool(workers=2) as pool:
+        await ready(pool)
+        start = threading.Barrier(4)
+
+        def first_call() -> torch.Tensor:
+            start.wait(10)
+            return pool.submit(m, x).result(60)
+
+        async with anyio.create_task_group() as tg:
+            results: list[torch.Tensor] = []
+
+            async def one() -> None:
+                results.append(await anyio.to_thread.run_sync(first_call))
+
+            for _ in range(4):
+                tg.start_soon(one)
+        for got in results:
+            torch.testing.assert_close(got, want)
+        assert pool.stats().failed == 0

@@ -44,6 +44,7 @@ class ModuleShipper:
         self._shipped: dict[int, tuple[weakref.ref[torch.nn.Module], int, tr.ShippedModule]] = {}
         self._specs: dict[int, ModuleSpec] = {}  # kept alive so their ids are never reused
         self._versions = itertools.count()
+        self._ship_lock = threading.Lock()  # held while a module is shipped (see _ship)
         self._workers: Callable[[], Iterable[ProcessWorker]] = tuple
 
     def watch(self, workers: Callable[[], Iterable[ProcessWorker]]) -> None:
@@ -66,12 +67,30 @@ class ModuleShipper:
             return key, ("meth", key, fn.__name__)
         return None, ("fn", fn)
 
-    def _ship(self, module: torch.nn.Module) -> ModuleKey:
+    def _shipped_key(self, module: torch.nn.Module) -> ModuleKey | None:
+        """The key of ``module``'s current shipped version, if any."""
         mid = id(module)
         with self._lock:
             hit = self._shipped.get(mid)
             if hit is not None and hit[0]() is module:
                 return (mid, hit[1])
+        return None
+
+    def _ship(self, module: torch.nn.Module) -> ModuleKey:
+        key = self._shipped_key(module)
+        if key is not None:
+            return key
+        # One thread ships at a time: two first calls of a module from two threads (a
+        # Batcher's flusher and a task) would each ship it, and the second would release
+        # the version the first call is about to run.
+        with self._ship_lock:
+            key = self._shipped_key(module)
+            if key is not None:
+                return key
+            return self._ship_new(module)
+
+    def _ship_new(self, module: torch.nn.Module) -> ModuleKey:
+        mid = id(module)
         version = next(self._versions)
         try:
             shipped = tr.ship_module(
