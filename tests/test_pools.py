@@ -123,6 +123,9 @@ async def test_submit_after_close_raises() -> None:
         pool.submit(Tiny(), torch.zeros(1, 10))
     with pytest.raises(af.PoolClosedError):
         await pool.forward(Tiny(), torch.zeros(1, 10))
+    with pytest.raises(af.PoolClosedError, match="has been closed"):
+        async with pool:  # entering it again says so at once
+            pass
     await pool.aclose()  # idempotent
 
 

@@ -992,6 +992,8 @@ class Pool(concurrent.futures.Executor, abc.ABC):
         self._core.backend.release_caller()
 
     async def __aenter__(self: _P) -> _P:
+        if self.closed:  # say so here, not at the first call inside the block
+            raise PoolClosedError(f"cannot use a pool that has been closed ({self._name})")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
