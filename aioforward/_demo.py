@@ -18,6 +18,7 @@ from . import _models
 from ._api import run_parallel
 from ._call import call
 from ._cpus import usable_cpus
+from ._malloc import keep_freed_memory
 from .monitor import LoopLagMonitor
 from .pools.process import ProcessPool
 from .pools.thread import ThreadPool
@@ -220,8 +221,16 @@ def run_demo(rounds: int = 8, *, plain: bool | None = None) -> int:
         "aioforward demo: an MLP (4 x Linear 1024, batch 256) and a conv net "
         f"(8x3x128x128), {rounds} rounds each, on {usable_cpus()} CPUs"
     )
+    keep_freed_memory()  # as the README advises for a conv net, and as the workers have it
     results = anyio.run(_demo, rounds, out)
     out.table("both modules, one round", table_rows(results))
+    cpus = usable_cpus()
+    if any(results[0][1]["wall"] > cpus * r["wall"] for _, r in results[1:]):
+        out.header(
+            f"A speed-up above the {cpus} CPUs here means the direct calls were slowed down "
+            "(other programs on the machine, whose load hurts torch's threads most): run it "
+            "again on an idle machine to compare."
+        )
     out.header(
         "Direct calls freeze the event loop for the whole forward pass; the pools keep it "
         "beating while both modules run at once."
