@@ -406,12 +406,7 @@ def _deliver(
         row = rows[i] if rows is not None else None
         if isinstance(f, ForwardFuture):
             try:
-                if cancel:
-                    f.cancel()
-                elif exc is not None:
-                    f.set_exception(exc)
-                else:
-                    f.set_result(row)
+                _settle(f, row, exc, cancel)
             except concurrent.futures.InvalidStateError:  # cancelled meanwhile
                 pass
         elif not f.done():  # a racy read, made good in _settle_in_loop
@@ -425,11 +420,15 @@ def _settle_in_loop(
     pairs: list[tuple[asyncio.Future[Any], Any]], exc: BaseException | None, cancel: bool
 ) -> None:
     for f, row in pairs:
-        if f.done():  # its caller was cancelled or timed out
-            continue
-        if cancel:
-            f.cancel()
-        elif exc is not None:
-            f.set_exception(exc)
-        else:
-            f.set_result(row)
+        if not f.done():  # else its caller was cancelled or timed out
+            _settle(f, row, exc, cancel)
+
+
+def _settle(f: _Sink, row: Any, exc: BaseException | None, cancel: bool) -> None:
+    """End one caller's future (an asyncio one in its loop's thread)."""
+    if cancel:
+        f.cancel()
+    elif exc is not None:
+        f.set_exception(exc)
+    else:
+        f.set_result(row)
