@@ -183,7 +183,7 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
         wait: Callable[[], Any] | None = None  # trio's
         box: list[Any] = []
         try:
-            loop = _asyncio_loop()
+            loop = running_asyncio_loop()
             if loop is None:
                 wake, wait = waker()
                 self.add_done_callback(lambda _f: wake())
@@ -271,7 +271,7 @@ def _wakeups(loop: asyncio.AbstractEventLoop) -> _Wakeups:
     return w
 
 
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+def running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The asyncio (or uvloop) loop running this task, or None under trio: asked directly,
     since this runs for every awaited call (trio marks its thread for sniffio, in guest
     mode too)."""
@@ -285,7 +285,7 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
 
 def waker() -> tuple[Callable[[], None], Callable[[], Any]]:
     """Return ``(wake, wait)``: ``wake`` is safe from any thread, ``wait`` is awaited here."""
-    loop = _asyncio_loop()
+    loop = running_asyncio_loop()
     if loop is None:
         import trio
 

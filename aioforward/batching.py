@@ -40,7 +40,7 @@ import torch
 from . import _registry
 from ._api import DEFAULT, Default, resolve_pool
 from ._call import Call, ModuleSpec, check_module, module_name
-from ._future import ForwardFuture, _asyncio_loop
+from ._future import ForwardFuture, running_asyncio_loop
 from ._tree import LEAF as _LEAF
 from ._tree import Spec, flatten, unflatten
 from ._validate import check_int, check_number, check_timeout
@@ -164,7 +164,7 @@ class Batcher:
         the built-in ``TimeoutError``.
         """
         check_timeout(timeout)
-        loop = _asyncio_loop()
+        loop = running_asyncio_loop()
         if loop is None:  # trio: through a ForwardFuture
             fut: Any = self.submit(*args, **kwargs)
             batch = None

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._transport import _as_bytes
+from ._transport import as_bytes
 
 CALL = 0x01  # parent -> worker: seq, module key, then the argument tensors
 REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
@@ -62,7 +62,7 @@ def _pack(t: torch.Tensor, out: list[bytes]) -> None:
     shape = t.shape
     out.append(_TENSOR_HEAD.pack(_CODES[t.dtype], len(shape)))
     out.append(_SHAPES[len(shape)].pack(*shape))
-    out.append(_as_bytes(t.detach()))
+    out.append(as_bytes(t.detach()))
 
 
 def _unpack(data: bytes, base: int, off: int) -> tuple[torch.Tensor, int]:
