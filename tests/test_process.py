@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 import anyio
@@ -607,6 +608,10 @@ def test_frames_are_told_from_pickles() -> None:
     assert not fr.plain_small(torch.nn.Parameter(x), 1 << 16)  # pickled: keeps its type
     assert not fr.plain_small(torch.randn(100), 16)  # over the inline limit: shared memory
     assert not fr.plain_small(torch.randn(2, dtype=torch.complex64).conj(), 1 << 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "nested tensors are a prototype"
+        nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
+    assert not fr.plain_small(nested, 1 << 16)  # no single shape: pickled
 
 
 async def test_first_calls_of_a_module_from_several_threads_at_once() -> None:

@@ -51,6 +51,7 @@ def plain_small(t: Any, limit: int) -> bool:
         type(t) is torch.Tensor
         and t.device.type == "cpu"
         and t.layout is torch.strided
+        and not t.is_nested
         and t.dtype in _CODES
         and t.numel() * t.element_size() <= limit
         and not t.is_conj()
