@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._transport import as_bytes
+from ._transport import as_bytes, is_plain
 
 CALL = 0x01  # parent -> worker: seq, module key, then the argument tensors
 REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
@@ -48,10 +48,8 @@ def plain_small(t: Any, limit: int) -> bool:
     """Whether ``t`` can travel in a frame: an ordinary CPU tensor of a listed dtype, at
     most ``limit`` bytes, with no lazy conjugate or negation."""
     return (
-        type(t) is torch.Tensor
-        and t.device.type == "cpu"
-        and t.layout is torch.strided
-        and not t.is_nested
+        type(t) is torch.Tensor  # a Parameter is pickled, to keep its type
+        and is_plain(t)
         and t.dtype in _CODES
         and t.numel() * t.element_size() <= limit
         and not t.is_conj()

@@ -276,7 +276,8 @@ def as_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(flat.data_ptr(), nbytes) if nbytes else b""
 
 
-def _is_plain(t: torch.Tensor) -> bool:
+def is_plain(t: torch.Tensor) -> bool:
+    """A strided CPU tensor (or Parameter), not quantized or nested: its bytes are all."""
     return (
         t.layout is torch.strided
         and t.device.type == "cpu"
@@ -301,7 +302,7 @@ class Outbox:
         return f.getvalue()
 
     def _persistent_id(self, obj: Any) -> Any:
-        if not isinstance(obj, torch.Tensor) or not _is_plain(obj):
+        if not isinstance(obj, torch.Tensor) or not is_plain(obj):
             return None
         t = obj.detach()
         nbytes = t.numel() * t.element_size()
@@ -377,7 +378,7 @@ def ship_module(
     storages: list[tuple[int, torch.UntypedStorage]] = []
     size = 0
     for t in [*module.parameters(), *module.buffers()]:
-        if not _is_plain(t):
+        if not is_plain(t):
             continue
         st = t.untyped_storage()
         key = (st.data_ptr(), st.nbytes())
@@ -394,7 +395,7 @@ def ship_module(
             seg.view(off, torch.uint8, (st.nbytes(),)).copy_(src)
 
     def persistent_id(obj: Any) -> Any:
-        if not isinstance(obj, torch.Tensor) or not _is_plain(obj):
+        if not isinstance(obj, torch.Tensor) or not is_plain(obj):
             return None
         st = obj.untyped_storage()
         off = places.get((st.data_ptr(), st.nbytes()))
