@@ -51,7 +51,7 @@ def plain_small(t: Any, limit: int) -> bool:
         type(t) is torch.Tensor  # a Parameter is pickled, to keep its type
         and is_plain(t)
         and t.dtype in _CODES
-        and t.numel() * t.element_size() <= limit
+        and t.nbytes <= limit
         and not t.is_conj()
         and not t.is_neg()
     )
@@ -61,7 +61,7 @@ def _pack(t: torch.Tensor, out: list[bytes]) -> None:
     shape = t.shape
     out.append(_TENSOR_HEAD.pack(_CODES[t.dtype], len(shape)))
     out.append(_SHAPES[len(shape)].pack(*shape))
-    out.append(as_bytes(t.detach()))
+    out.append(as_bytes(t))  # its bytes: no need to detach it from autograd first
 
 
 def _unpack(data: bytes, base: int, off: int) -> tuple[torch.Tensor, int]:

@@ -43,6 +43,7 @@ import os
 import pickle
 import select
 import socket
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,9 +204,70 @@ def recv_fds(conn: Connection, count: int) -> list[int]:
     return fds
 
 
+_SIZE = struct.Struct("!i")  # multiprocessing.connection's frame: a length, then the bytes
+_BIG_SIZE = struct.Struct("!Q")  # after a length of -1: the length of a message over 2 GiB
+_ONE_WRITE = 16384  # up to this size the length and the bytes go in one write, as there
+
+
+def send_message(fd: int, data: bytes) -> None:
+    """Send ``data`` on ``fd`` as ``Connection.send_bytes`` does (the other end may read it
+    with ``Connection.recv_bytes``), without its Python layers: one ``write`` for a small
+    message. The caller holds the pipe's send lock.
+
+    Example: ``send_message(conn.fileno(), b"ping")``.
+    """
+    n = len(data)
+    if n <= _ONE_WRITE:
+        _write_all(fd, _SIZE.pack(n) + data)
+    elif n <= 0x7FFFFFFF:
+        _write_all(fd, _SIZE.pack(n))
+        _write_all(fd, data)
+    else:
+        _write_all(fd, _SIZE.pack(-1) + _BIG_SIZE.pack(n))
+        _write_all(fd, data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    sent = os.write(fd, data)
+    if sent < len(data):
+        view = memoryview(data)
+        while sent < len(data):
+            sent += os.write(fd, view[sent:])
+
+
+def recv_message(fd: int) -> bytes:
+    """Read one message sent by :func:`send_message` or ``Connection.send_bytes`` from the
+    blocking descriptor ``fd``: two ``read`` calls for a small one. Raises ``EOFError`` at
+    end of file.
+
+    Example: ``data = recv_message(conn.fileno())``.
+    """
+    head = os.read(fd, 4)
+    if len(head) < 4:
+        head = _read_rest(fd, head, 4)
+    (size,) = _SIZE.unpack(head)
+    if size == -1:
+        (size,) = _BIG_SIZE.unpack(_read_rest(fd, b"", 8))
+    data = os.read(fd, size) if size else b""
+    return data if len(data) == size else _read_rest(fd, data, size)
+
+
+def _read_rest(fd: int, part: bytes, size: int) -> bytes:
+    buf = bytearray(part)
+    while len(buf) < size:
+        chunk = os.read(fd, size - len(buf))
+        if not chunk:
+            raise EOFError("the other end of the pipe closed it")
+        buf += chunk
+    return bytes(buf)
+
+
 def readable(fd: int) -> bool:
-    """Whether a read of ``fd`` would return at once (data or end of file)."""
-    return bool(select.select([fd], [], [], 0)[0])
+    """Whether a read of ``fd`` would return at once (data or end of file). ``poll``, not
+    ``select``, which refuses descriptors from 1024 up (a server with many sockets)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def unlink_prefix(prefix: str) -> None:
@@ -280,7 +342,7 @@ def is_plain(t: torch.Tensor) -> bool:
     """A strided CPU tensor (or Parameter), not quantized or nested: its bytes are all."""
     return (
         t.layout is torch.strided
-        and t.device.type == "cpu"
+        and t.is_cpu  # not t.device.type: that builds a device object (1 us, per call)
         and not t.is_quantized
         and not getattr(t, "is_nested", False)
         and type(t) in (torch.Tensor, torch.nn.Parameter)

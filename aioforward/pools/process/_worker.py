@@ -44,7 +44,9 @@ from ._transport import (
     load_module,
     loads,
     recv_fds,
+    recv_message,
     send_fds,
+    send_message,
 )
 
 if TYPE_CHECKING:
@@ -109,13 +111,14 @@ class _Server:
         self.out: Segment | None = None  # our own response segment
 
     def serve(self) -> None:
+        fd = self.conn.fileno()
         while True:
             try:
-                data = self.conn.recv_bytes()
+                data = recv_message(fd)
                 if data[0] == fr.CALL:  # the common small call, in a frame of its own
                     seq, key, args = fr.read_call(data)
-                    del data
-                    self._call(CallMsg((), None, [], (), None, b"", seq, ref=("m", key)), args)
+                    del data  # not kept alive while the call runs
+                    self._framed(seq, key, args)
                     continue
                 msg = pickle.loads(data)
                 del data
@@ -147,6 +150,41 @@ class _Server:
             sid = self.weights_of.pop(key, None)
             if sid is not None and sid not in self.weights_of.values():
                 self.segments.pop(sid, None)
+
+    def _framed(self, seq: int, key: tuple[int, int], args: tuple[torch.Tensor, ...]) -> None:
+        """A call frame: the per-call path of a shipped module and small tensors. It does what
+        :meth:`_call` does for such a call, in fewer steps."""
+        fn = self.modules.get(key)
+        if fn is None:  # cannot happen (the parent ships a module first); _call reports it
+            self._call(CallMsg((), None, [], (), None, b"", seq, ref=("m", key)), args)
+            return
+        t0 = time.perf_counter()
+        _cancel.set_process_seq(seq)
+        try:
+            _cancel.check_cancelled()  # cancelled while it was on its way
+            with _inference():
+                out = fn(*args)
+            del args
+        except BaseException as exc:
+            self._raised(exc)
+            return
+        finally:
+            _cancel.set_process_seq(-1)
+        compute = time.perf_counter() - t0
+        if fr.plain_small(out, self.opts.inline_bytes):
+            _send_bytes(self.conn, fr.reply_frame(compute, out))
+        elif isinstance(out, types.GeneratorType):
+            out.close()
+            self._raised(TypeError(not_a_call(type(fn).__name__)))
+        else:
+            self._reply(out, compute)
+
+    def _raised(self, exc: BaseException) -> None:
+        """Report a call's exception; a worker out of memory exits (the parent replaces it)."""
+        if _is_oom(exc):
+            _send(self.conn, OutOfMemory(traceback.format_exc()))
+            os._exit(OOM_EXIT)
+        _send(self.conn, Raised(encode_exception(exc)))
 
     def _call(self, msg: CallMsg, framed: tuple[Any, ...] | None = None) -> None:
         """Run one call (``framed``: its arguments, read from a call frame) and reply."""
@@ -188,16 +226,17 @@ class _Server:
                     raise TypeError(not_a_call(getattr(fn, "__qualname__", type(fn).__name__)))
             del args, kwargs
         except BaseException as exc:
-            if _is_oom(exc):
-                _send(self.conn, OutOfMemory(traceback.format_exc()))
-                os._exit(OOM_EXIT)
-            _send(self.conn, Raised(encode_exception(exc)))
+            self._raised(exc)
             return
         finally:
             _cancel.set_process_seq(-1)
-        compute = time.perf_counter() - t0
-        if not msg.stream and fr.plain_small(out, self.opts.inline_bytes):
-            assert isinstance(out, torch.Tensor)
+        if not msg.stream:
+            self._reply(out, time.perf_counter() - t0)
+
+    def _reply(self, out: Any, compute: float) -> None:
+        """Send a call's result: a reply frame for a small tensor, else an ``Ok`` (large
+        tensors in this worker's response segment)."""
+        if fr.plain_small(out, self.opts.inline_bytes):
             data = fr.reply_frame(compute, out)
             del out
             _send_bytes(self.conn, data)
@@ -277,7 +316,7 @@ class _Server:
         """Wait for the parent's next word about stream ``seq`` (older ones are dropped)."""
         while True:
             try:
-                msg = pickle.loads(self.conn.recv_bytes())
+                msg = pickle.loads(recv_message(self.conn.fileno()))
             except (EOFError, OSError):
                 os._exit(1)  # the parent is gone
             if isinstance(msg, StreamCtl) and msg.seq == seq:
@@ -333,7 +372,7 @@ def _send(conn: Connection, msg: Any, fds: list[int] | None = None) -> None:
 
 def _send_bytes(conn: Connection, data: bytes, fds: list[int] | None = None) -> None:
     try:
-        conn.send_bytes(data)
+        send_message(conn.fileno(), data)
         if fds:
             send_fds(conn, fds)
     except (BrokenPipeError, OSError):
