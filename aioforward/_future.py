@@ -68,6 +68,8 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
     # (PoolCore.submit(awaited=True)), which runs it first thing in __await__, with its
     # asyncio loop (None under trio). Returns the worker's reply reader, if it has one.
     _dispatch: Callable[[Any], Any] | None = None
+    # The worker's reply reader, when the pool handed the call over in submit already.
+    _reader: Callable[..., Any] | None = None
 
     def __init__(self) -> None:
         # concurrent.futures.Future.__init__, except that the condition is made only when a
@@ -174,11 +176,13 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
 
     def __await__(self) -> Generator[Any, None, T]:
         dispatch, self._dispatch = self._dispatch, None
+        reader, self._reader = self._reader, None
         if self._state in _DONE:
             if dispatch is not None:
                 dispatch(None)  # timed out already: the worker still has to let the call go
+            if reader is not None:
+                yield from reader(self, None, [])  # returns at once, letting the read go
             return self.result()
-        reader = None
         loop = None
         wait: Callable[[], Any] | None = None  # trio's
         box: list[Any] = []

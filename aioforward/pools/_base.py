@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from .._call import Call, ModuleSpec, call, check_module, module_name
-from .._future import ForwardFuture, wait_all
+from .._future import ForwardFuture, running_asyncio_loop, wait_all
 from .._registry import register_pool
 from .._stats import Latency, PoolStats, Reservoir
 from .._stream import DEFAULT_BUFFER, Channel, ForwardStream
@@ -97,6 +97,10 @@ class Backend(abc.ABC):
     # Seconds a cancelled or timed-out call has to stop at a block boundary before it counts
     # as overrun (and is interrupted, where the worker can be).
     cancel_grace = 1.0
+    # Hand an awaited call to its worker in submit rather than when the task starts awaiting
+    # it: right for a process, which then computes while the task gets ready to sleep; a
+    # thread would wait for the GIL the submitting task holds meanwhile.
+    dispatch_in_submit = False
 
     @abc.abstractmethod
     def new_worker(self, core: PoolCore) -> Worker:
@@ -226,9 +230,10 @@ class PoolCore:
         awaited: bool = False,
     ) -> ForwardFuture[Any]:
         """Schedule ``c``. ``awaited``: the caller awaits the future at once (``forward``); a
-        call that gets an idle worker is then handed to it only once the awaiting task has
+        call that gets an idle thread is then handed to it only once the awaiting task has
         registered its wake-up, so the worker does not wait for this thread's GIL while the
-        task gets ready to sleep."""
+        task gets ready to sleep. A process (``Backend.dispatch_in_submit``) gets it at once,
+        and computes meanwhile."""
         # The per-call path: every line here runs for every call, so it is kept short.
         if timeout is not None:
             check_timeout(timeout)
@@ -263,7 +268,9 @@ class PoolCore:
         if starts:
             self._start_workers(starts)
         if worker is not None:
-            if awaited:
+            if awaited and self.backend.dispatch_in_submit:
+                fut._reader = self._run_awaited(worker, item, running_asyncio_loop())
+            elif awaited:
                 fut._dispatch = lambda loop: self._run_awaited(worker, item, loop)
             else:
                 self._run(worker, item)

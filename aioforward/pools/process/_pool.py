@@ -15,11 +15,14 @@ Data flow of one call::
       module(*args) under inference_mode; large outputs into its     |
       own warm response segment; an Ok message on the pipe           |
       v                                                              |
-    Supervisor thread (_supervisor.py): waits on every pipe and      |
-      every process sentinel; copies outputs out, reports call_done  |
-      to the core, which completes the ForwardFuture (waking the     |
-      awaiting loop) and hands the worker its next call -------------'
-      | a sentinel fires: that worker died. Only its own call fails
+    the awaiting task's event loop (a call awaited at once on        |
+      asyncio or uvloop: its add_reader on the pipe, kept from call  |
+      to call), else the Supervisor thread (_supervisor.py), which   |
+      waits on every pipe and every process sentinel: reads the      |
+      reply, copies outputs out, reports call_done to the core,      |
+      which completes the ForwardFuture and hands the worker its     |
+      next call ----------------------------------------------------'
+      | a sentinel fires (the supervisor): that worker died. Only its own call fails
       | (WorkerCrashedError naming module, pid, exit code or signal); the
       | core starts a replacement at once.
 
@@ -34,6 +37,7 @@ started deadlocks), lazily, on the first ``submit``, ``warmup`` or
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import itertools
@@ -111,12 +115,12 @@ class ProcessWorker(Worker):
         self.stream_error: BaseException | None = None  # a stream item the parent could not read
         # Who reads the replies (see run_awaited): None, the supervisor; or the token of the
         # task that awaits the running call and reads its reply in its own event loop.
-        # reader, watched, registered and pending_close change under read_lock.
+        # reader, watched, watch and pending_close change under read_lock.
         self.read_lock = threading.RLock()
         self.reader: object | None = None
         self.watched = False  # the supervisor's current wait includes the pipe
-        self.registered: tuple[Any, object] | None = None  # (loop, token) of a task's add_reader
-        self.pending_close: Connection | None = None  # closed once no task has it registered
+        self.watch: _Watch | None = None  # a loop's add_reader on the pipe
+        self.pending_close: Connection | None = None  # closed once no loop watches the pipe
         self.unread_since: float | None = None  # the supervisor's watch on a task's reply
 
     def start(self) -> None:
@@ -133,9 +137,9 @@ class ProcessWorker(Worker):
             self.backend.supervisor.poke()
 
     def run_awaited(self, item: WorkItem, loop: Any) -> Any:
-        """Run ``item`` for a task that awaits it at once in the asyncio ``loop``: that task
-        reads the reply itself (``_read_reply``), when the pipe is readable, so the call
-        costs no supervisor wake-up and no thread-to-loop hand-off. The supervisor still
+        """Send ``item`` for a task that awaits it at once in the asyncio ``loop``: that loop
+        reads the reply (``_read_reply``, ``read_watched``) as soon as the pipe is readable,
+        so the call costs no supervisor wake-up and no thread-to-loop hand-off. The supervisor still
         sees the process die, and takes the read over when the loop does not come to it
         (a loop blocked in sync code): see ``Supervisor._watch_tasks``."""
         if loop is None or item.stream is not None:
@@ -154,50 +158,89 @@ class ProcessWorker(Worker):
     def _read_reply(
         self, token: object, fut: Any, loop: Any, box: list[Any]
     ) -> Generator[Any, None, None]:
-        """Driven by the awaiting task: wait until the pipe is readable, read the reply and
-        end the call (``Supervisor.handle``). Returns early, leaving the future to whoever
-        ends it, when the call ends otherwise (a timeout, the worker's death) or when the
-        supervisor took the read over."""
-        conn = self.conn
-        ended = False
-        if conn is None:
-            self._release(token, ended)
-            return
-        fd = conn.fileno()
-        with self.read_lock:
-            if self.reader is not token:
-                return
-            loop.add_reader(fd, _set_first, box)
-            if not os.get_blocking(fd):  # uvloop (libuv) makes a polled descriptor
-                os.set_blocking(fd, True)  # non-blocking; the pipe's reads need it blocking
-            self.registered = (loop, token)
+        """Driven by the awaiting task: make the loop watch the pipe and wait until the call
+        ends. The loop reads the reply as soon as the pipe is readable (``_on_readable``).
+        Returns early, leaving the future to whoever ends it, when the supervisor took the
+        read over or when another loop watches this pipe."""
         try:
-            while not fut.done():
-                yield from box[0].__await__()
-                if fut.done():
-                    break
-                box[0] = loop.create_future()
-                with self.read_lock:
-                    if self.reader is not token or self.conn is not conn:
-                        break
-                    if not tr.readable(fd):
-                        continue
-                    try:
-                        data = conn.recv_bytes()
-                    except (EOFError, OSError):
-                        break  # the worker died: the supervisor reports it
-                    assert self.backend.supervisor is not None
-                    if self.backend.supervisor.handle(self, data):
-                        ended = True
-                        break
-        finally:
+            conn = self.conn
+            if conn is None or fut.done():
+                return
             with self.read_lock:
-                reg = self.registered
-                if reg is None or reg[0] is not loop or reg[1] is token:
-                    loop.remove_reader(fd)  # unless another task of this loop took the pipe
-                if reg is not None and reg[1] is token:
-                    self.registered = None
-            self._release(token, ended)
+                if self.reader is not token or self.conn is not conn:
+                    return
+                watch = self._watch_in(loop, conn)
+                if watch is None:
+                    return  # the supervisor reads this reply
+                watch.call = (token, box)
+            try:
+                while not fut.done():  # box[0] is set when the call ends
+                    yield from box[0].__await__()
+                    if not fut.done():
+                        box[0] = loop.create_future()
+            finally:
+                if watch.call is not None and watch.call[0] is token:
+                    watch.call = None  # the watch stays for this loop's next call
+        finally:
+            self._release(token, ended=False)  # unless the reply was read: nothing to do
+
+    def read_watched(self, watch: _Watch) -> None:
+        """The loop sees the pipe readable while a task awaits its call: read the message
+        and act on it here, in the loop's thread."""
+        assert watch.call is not None
+        token = watch.call[0]
+        with self.read_lock:
+            if self.reader is not token or self.conn is not watch.conn:
+                # The supervisor took the read over, or the worker is gone: stop watching
+                # (the loop would see the pipe readable on every turn until it is read).
+                self.unwatch(watch)
+                return
+            if not tr.readable(watch.fd):
+                return  # the supervisor read what the loop saw before it let go
+            try:
+                data = tr.recv_message(watch.fd)
+                assert self.backend.supervisor is not None
+                ended = self.backend.supervisor.handle(self, data)
+            except BaseException as exc:
+                # The worker died (the supervisor reports it), or reading failed: hand the
+                # read to the supervisor rather than see the pipe readable on every turn.
+                self.unwatch(watch)
+                self._release(token, ended=False)
+                if isinstance(exc, EOFError | OSError):
+                    return
+                raise
+            if ended:
+                self.reader = None  # the call ended (its task was woken): nothing to hand on
+
+    def _watch_in(self, loop: Any, conn: Connection) -> _Watch | None:
+        """The watch of ``loop`` on this worker's pipe, made on its first call (called under
+        ``read_lock``). None while another open loop watches it."""
+        old = self.watch
+        if old is not None:
+            if old.loop is loop and old.conn is conn:
+                return old
+            if not old.loop.is_closed():
+                return None  # that loop ends its watch when it next sees the pipe readable
+            self.backend.watches.discard(old)
+        watch = _Watch(self, loop, conn)
+        loop.add_reader(watch.fd, _on_readable, watch)
+        if not os.get_blocking(watch.fd):  # uvloop (libuv) makes a polled descriptor
+            os.set_blocking(watch.fd, True)  # non-blocking; the pipe's reads need it blocking
+        self.watch = watch
+        self.backend.watches.add(watch)
+        return watch
+
+    def unwatch(self, watch: _Watch) -> None:
+        """End ``watch`` (in its loop's thread); close the pipe if the worker exited."""
+        if not watch.loop.is_closed():
+            watch.loop.remove_reader(watch.fd)
+        self.backend.watches.discard(watch)
+        with self.read_lock:
+            if self.watch is watch:
+                self.watch = None
+            if self.pending_close is not None and self.watch is None:
+                self.pending_close.close()
+                self.pending_close = None
 
     def _release(self, token: object, ended: bool) -> None:
         """The task stops reading; the supervisor reads from now on (and is told to wait on
@@ -207,9 +250,6 @@ class ProcessWorker(Worker):
             if self.reader is token:
                 self.reader = None
                 poke = not ended and not self.watched
-            if self.pending_close is not None and self.registered is None:
-                self.pending_close.close()
-                self.pending_close = None
         if poke:
             assert self.backend.supervisor is not None
             self.backend.supervisor.poke()
@@ -275,10 +315,32 @@ class ProcessWorker(Worker):
         )
 
 
-def _set_first(box: list[Any]) -> None:
-    """The pipe is readable: wake the task waiting on ``box[0]``."""
-    if not box[0].done():
-        box[0].set_result(None)
+class _Watch:
+    """An asyncio loop's ``add_reader`` on a worker's pipe, kept from call to call while that
+    loop's tasks await the worker's calls. ``call`` is the call a task awaits: the loop
+    reads its reply in the callback that sees the pipe readable, so that no later turn sees
+    it readable again, and ending the call wakes the task. Between calls it is None, and a
+    readable pipe then carries a reply that is not this loop's (the supervisor reads it):
+    the watch ends, since the loop would otherwise see the pipe readable on every turn.
+    The callback checks that the pipe is still readable before it reads: the loop may have
+    seen a reply that the supervisor read meanwhile."""
+
+    __slots__ = ("worker", "loop", "conn", "fd", "call")
+
+    def __init__(self, worker: ProcessWorker, loop: Any, conn: Connection) -> None:
+        self.worker = worker
+        self.loop = loop
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.call: tuple[object, list[Any]] | None = None  # (reader token, task's wake-up)
+
+
+def _on_readable(watch: _Watch) -> None:
+    """The pipe is readable: read the reply of the call a task awaits, or end the watch."""
+    if watch.call is None:
+        watch.worker.unwatch(watch)
+    else:
+        watch.worker.read_watched(watch)
 
 
 class _Credits:
@@ -300,6 +362,8 @@ class _Credits:
 
 class ProcessBackend(Backend):
     """Options and shared state of one ProcessPool (no reference to the pool)."""
+
+    dispatch_in_submit = True
 
     def __init__(
         self,
@@ -343,6 +407,7 @@ class ProcessBackend(Backend):
         self._released = False
         self._restore: int | None = None  # parent_threads: the count to restore at close
         self._room_checked = 0  # the largest request size check_room has passed
+        self.watches: set[_Watch] = set()  # event loops' watches on the workers' pipes
 
     # ------------------------------------------------------------------ Backend
     def new_worker(self, core: PoolCore) -> Worker:
@@ -437,6 +502,19 @@ class ProcessBackend(Backend):
         per worker, so no lock: the core reserved ``w`` for ``item``)."""
         key, head, body, box = item.payload
         t0 = time.perf_counter()
+        if (
+            box is None
+            and item.stream is None
+            and key in w.modules
+            and not w.drops
+            and w.control is not None
+        ):
+            # The per-call path: a frame to a worker that holds the module (a concurrent
+            # release adds to w.drops; it is sent with the next call, as below).
+            self._send(w, fr.call_frame(item.seq, key, body))
+            item.transfer_s = time.perf_counter() - t0
+            item.release_inputs()
+            return
         new: list[tr.Segment] = []
         table: list[tuple[int, str, tuple[int, ...]]] = []
         request = None
@@ -481,21 +559,26 @@ class ProcessBackend(Backend):
             data = pickle.dumps(msg, protocol=5)
         item.release_inputs()  # the inputs are copied: drop our references to them
         item.transfer_s = time.perf_counter() - t0
-        conn = w.conn
-        assert conn is not None
-        try:
-            with w.send_lock:
-                conn.send_bytes(data)
-                if new and self.memfd:
-                    tr.send_fds(conn, [s.fd for s in new if s.fd is not None])
-        except OSError:
-            pass  # the worker is dying; its sentinel fails the call
+        self._send(w, data, [s.fd for s in new if s.fd is not None] if self.memfd else [])
         for s in new:
             w.known.add(s.sid)
         if w.req_seg is not None and w.req_seg in new:
             w.req_seg.close_fd()  # the worker has its own descriptor now
         if control is not None:
             w.control.close_fd()
+
+    @staticmethod
+    def _send(w: ProcessWorker, data: bytes, fds: list[int] | None = None) -> None:
+        """Send a message (and descriptors after it) on ``w``'s pipe."""
+        conn = w.conn
+        assert conn is not None
+        try:
+            with w.send_lock:
+                tr.send_message(conn.fileno(), data)
+                if fds:
+                    tr.send_fds(conn, fds)
+        except OSError:
+            pass  # the worker is dying; its sentinel fails the call
 
     def reload(self, module: torch.nn.Module) -> None:
         self.shipper.reload(module)
@@ -523,6 +606,14 @@ class ProcessBackend(Backend):
     def release_caller(self) -> None:
         apply_torch_threads(self._restore)
         self._restore = None
+        # A loop ends its watch on an exited worker's pipe (and closes the pipe) when it next
+        # runs; a pool closed by sync code in a coroutine blocked that loop: end them here.
+        # So can one of a loop that no longer runs (run_until_complete, then close in sync
+        # code). Not running_asyncio_loop(): this may run outside any async context.
+        loop = asyncio._get_running_loop()
+        for watch in list(self.watches):
+            if watch.loop is loop or not watch.loop.is_running():
+                watch.worker.unwatch(watch)
 
 
 class ProcessPool(Pool):

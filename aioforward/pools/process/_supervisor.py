@@ -226,7 +226,7 @@ class Supervisor:
                 # A task that owned the pipe may have read what woke us before it let go.
                 if not tr.readable(conn.fileno()):
                     return
-                data = conn.recv_bytes()
+                data = tr.recv_message(conn.fileno())
             except (EOFError, OSError):
                 return  # the sentinel reports the exit
             self.handle(w, data)
@@ -340,9 +340,13 @@ class Supervisor:
             self._procs.pop(w.wid, None)
         with w.read_lock:
             w.conn = None
-            if w.registered is None:
+            watch = w.watch
+            if watch is None or watch.loop.is_closed():
+                if watch is not None:
+                    w.watch = None
+                    self._backend.watches.discard(watch)
                 conn.close()
-            else:  # a task's loop still waits on it: that task closes it when it leaves
+            else:  # a loop still watches it: the loop closes it when it ends its watch
                 w.pending_close = conn
         with contextlib.suppress(ValueError):
             proc.close()  # its sentinel descriptor

@@ -1,0 +1,205 @@
+"""The process pool's pipe: the message framing it shares with ``multiprocessing``, and the
+event loop's watch on a worker's pipe, kept from call to call."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from multiprocessing.connection import Connection
+
+import anyio
+import pytest
+import torch
+
+import aioforward as af
+from aioforward.pools.process import _transport as tr
+from aioforward.pools.process._supervisor import Supervisor
+
+from . import models as M
+from .conftest import open_fds
+
+pytestmark = pytest.mark.timeout(120)
+
+SIZES = [0, 1, 100, 16384, 16385, 300_000]  # around the one-write limit, and many reads
+
+
+@pytest.fixture
+def pair() -> tuple[Connection, Connection]:
+    a, b = socket.socketpair()
+    ca, cb = Connection(a.detach()), Connection(b.detach())
+    yield ca, cb
+    ca.close()
+    cb.close()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_send_message_is_read_by_connection_and_back(
+    pair: tuple[Connection, Connection], size: int
+) -> None:
+    a, b = pair
+    data = os.urandom(size)
+    done: list[bytes] = []
+    # a large message fills the socket's buffer: read it while it is written
+    reader = threading.Thread(target=lambda: done.append(b.recv_bytes()))
+    reader.start()
+    tr.send_message(a.fileno(), data)
+    reader.join(30)
+    assert done == [data]
+    writer = threading.Thread(target=b.send_bytes, args=(data,))
+    writer.start()
+    assert tr.recv_message(a.fileno()) == data
+    writer.join(30)
+
+
+def test_recv_message_joins_short_reads(pair: tuple[Connection, Connection]) -> None:
+    """A message that arrives in pieces (the length split too) is read whole."""
+    a, b = pair
+    data = os.urandom(5000)
+    whole = len(data).to_bytes(4, "big") + data
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(tr.recv_message(a.fileno())))
+    reader.start()
+    for i in range(0, len(whole), 1999):
+        os.write(b.fileno(), whole[i : i + 1999])
+    reader.join(30)
+    assert got == [data]
+
+
+def test_recv_message_at_end_of_file_raises_eof(pair: tuple[Connection, Connection]) -> None:
+    a, b = pair
+    os.write(b.fileno(), (10).to_bytes(4, "big") + b"abc")  # cut inside the message
+    b.close()
+    with pytest.raises(EOFError):
+        tr.recv_message(a.fileno())
+
+
+@pytest.mark.anyio
+async def test_one_watch_serves_a_loops_calls_and_ends_at_close(
+    anyio_backend: tuple[str, dict[str, object]],
+) -> None:
+    """On asyncio and uvloop the loop watches a worker's pipe once for all its calls (one
+    ``add_reader``, not one per call); on trio the supervisor reads. After the pool closes
+    no watch is left, and the descriptors are back."""
+    before = open_fds()
+    m, x = M.Tiny(), torch.randn(1, 10)
+    with torch.no_grad():
+        expected = m(x)
+    async with af.ProcessPool(workers=1) as pool:
+        await pool.wait_ready(60)
+        backend = pool._core.backend
+        seen = set()
+        for _ in range(20):
+            torch.testing.assert_close(await pool.forward(m, x), expected)
+            seen.update(backend.watches)  # type: ignore[attr-defined]
+        assert len(seen) == (0 if anyio_backend[0] == "trio" else 1)
+    assert not backend.watches  # type: ignore[attr-defined]
+    assert open_fds() == before
+
+
+def test_a_second_loop_is_served_while_another_watches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two loops in two threads take turns on one worker: the first keeps its watch; the
+    second's calls are read by the supervisor meanwhile, and every call returns."""
+    readers: list[str] = []
+    handle = Supervisor.handle
+
+    def record(self: Supervisor, w: object, data: bytes) -> bool:
+        readers.append(threading.current_thread().name)
+        return handle(self, w, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Supervisor, "handle", record)
+    pool = af.ProcessPool(workers=1, name="pipe-test")
+    m, x = M.Tiny(), torch.randn(1, 10)
+    with torch.no_grad():
+        expected = m(x)
+    try:
+        first_done = threading.Event()
+        second_done = threading.Event()
+        results: list[object] = []
+
+        def run_loop(n: int, wait_for: threading.Event | None, then: threading.Event) -> None:
+            async def main() -> None:
+                await pool.wait_ready(60)
+                results.extend([await pool.forward(m, x) for _ in range(n)])
+                then.set()
+                if wait_for is not None:  # stay open (and watching) until the other is done
+                    while not wait_for.is_set():
+                        await asyncio.sleep(0.01)
+
+            asyncio.run(main())
+
+        a = threading.Thread(target=run_loop, args=(5, second_done, first_done), name="loop-a")
+        a.start()
+        assert first_done.wait(60)
+        b = threading.Thread(target=run_loop, args=(5, None, second_done), name="loop-b")
+        b.start()
+        b.join(60)
+        a.join(60)
+        assert not a.is_alive() and not b.is_alive()
+        assert len(results) == 10
+        for y in results:
+            torch.testing.assert_close(y, expected)
+        assert readers[-10:-5] == ["loop-a"] * 5, readers  # its task read each reply
+        # a's loop watches the pipe still: the supervisor reads b's first reply; a's loop
+        # ends its watch if it sees that reply arrive, and b's loop may then read its own
+        assert readers[-5] == "pipe-test-supervisor", readers
+        assert set(readers[-4:]) <= {"pipe-test-supervisor", "loop-b"}, readers
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.anyio
+async def test_tasks_of_one_loop_sharing_workers_never_wait_for_the_supervisor(
+    anyio_backend: tuple[str, dict[str, object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks of one loop calling again and again, each on whichever worker is free (two
+    replies read in one turn of the loop swap the workers): on asyncio and uvloop the loop
+    reads every reply itself; none waits for the supervisor's takeover of unread replies."""
+    from aioforward.pools.process import _supervisor
+
+    monkeypatch.setattr(_supervisor, "WATCH_INTERVAL", 2.0)  # a missed reply: read late
+    readers: list[str] = []
+    handle = Supervisor.handle
+
+    def record(self: Supervisor, w: object, data: bytes) -> bool:
+        readers.append(threading.current_thread().name)
+        return handle(self, w, data)  # type: ignore[arg-type]
+
+    m = M.Tiny()
+    xs = [torch.randn(1, 10) for _ in range(2)]
+    with torch.no_grad():
+        expected = [m(x) for x in xs]
+
+    async def calls(i: int) -> None:
+        for _ in range(300):
+            torch.testing.assert_close(await pool.forward(m, xs[i]), expected[i])
+
+    async with af.ProcessPool(workers=2, name="sharing") as pool:
+        await pool.wait_ready(60)
+        monkeypatch.setattr(Supervisor, "handle", record)
+        async with anyio.create_task_group() as tg:
+            for i in range(len(xs)):
+                tg.start_soon(calls, i)
+    assert len(readers) == 600
+    here = threading.current_thread().name
+    expected_reader = "sharing-supervisor" if anyio_backend[0] == "trio" else here
+    assert readers.count(expected_reader) == 600, sorted(set(readers))
+
+
+def test_readable_takes_descriptors_from_1024_up() -> None:
+    """``select`` refuses them; a server with many sockets has them."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1100:
+        pytest.skip(f"the descriptor limit here is {soft}, too low to open descriptor 1100")
+    r, w = os.pipe()
+    high = os.dup2(r, 1100)
+    try:
+        assert not tr.readable(high)
+        os.write(w, b"x")
+        assert tr.readable(high)
+    finally:
+        for fd in (r, w, high):
+            os.close(fd)
