@@ -122,6 +122,24 @@ def echo_main(conn: Any) -> None:
         pass
 
 
+def forward_echo_main(conn: Any, kind: str) -> None:
+    """:func:`echo_main` that also runs the bench's module ``kind`` on its own input (one
+    torch thread, inference mode) before it answers: the floor of a process pool's round
+    trip with the same forward pass in the far process, and nothing moved but the message.
+
+    Example: ``ctx.Process(target=forward_echo_main, args=(child_conn, "tiny")).start()``.
+    """
+    torch.set_num_threads(1)
+    module, x = build(kind), _models.INPUTS[kind]()
+    try:
+        while data := conn.recv_bytes():
+            with torch.inference_mode():
+                module(x)
+            conn.send_bytes(data)
+    except EOFError:
+        pass
+
+
 def limit_init(kind: str) -> None:
     """Initializer of a bare single-threaded process holding one module and its input (the
     limit of two modules at once: pure compute, nothing moved per call), with the glibc

@@ -63,7 +63,12 @@ async def overhead(run: Run, loop_name: str) -> None:
     m, x = _models.tiny(), _models.INPUTS["tiny"]()
     loop = asyncio.get_running_loop()
     spawn = multiprocessing.get_context("spawn")
-    async with ThreadPool(workers=2) as tp, ProcessPool(workers=2) as pp, _echo(spawn) as pipe:
+    async with (
+        ThreadPool(workers=2) as tp,
+        ProcessPool(workers=2) as pp,
+        _echo(spawn) as pipe,
+        _echo(spawn, "tiny") as pipe_forward,
+    ):
         await pp.warmup(m, example=x)
         with concurrent.futures.ProcessPoolExecutor(
             2, mp_context=spawn, initializer=alt.pe_init, initargs=("tiny",)
@@ -73,6 +78,7 @@ async def overhead(run: Run, loop_name: str) -> None:
                 run,
                 {
                     p + "pipe-floor": (pipe, 1),
+                    p + "pipe+forward": (pipe_forward, 1),
                     p + "direct": (lambda: _async(alt.direct, m, x), 1),
                     p + "to_thread": (lambda: asyncio.to_thread(alt.direct, m, x), 1),
                     p + "ThreadPool": (lambda: tp.forward(m, x), 1),
@@ -89,12 +95,16 @@ async def overhead(run: Run, loop_name: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _echo(ctx: Any) -> AsyncIterator[Callable[[], Any]]:
+async def _echo(ctx: Any, kind: str | None = None) -> AsyncIterator[Callable[[], Any]]:
     """A spawned echo process and a round trip to it driven by the event loop (``add_reader``):
-    the floor under any process pool's round trip."""
+    the floor under any process pool's round trip. ``kind``: the echo process runs that
+    module's forward pass before each answer (:func:`alt.forward_echo_main`)."""
     loop = asyncio.get_running_loop()
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=alt.echo_main, args=(child,), daemon=True)
+    target, args = (
+        (alt.echo_main, (child,)) if kind is None else (alt.forward_echo_main, (child, kind))
+    )
+    proc = ctx.Process(target=target, args=args, daemon=True)
     proc.start()
     child.close()
     waiting: list[asyncio.Future[bytes]] = []
