@@ -230,8 +230,7 @@ class _Server:
             return
         finally:
             _cancel.set_process_seq(-1)
-        if not msg.stream:
-            self._reply(out, time.perf_counter() - t0)
+        self._reply(out, time.perf_counter() - t0)  # a stream's end: an Ok of None
 
     def _reply(self, out: Any, compute: float) -> None:
         """Send a call's result: a reply frame for a small tensor, else an ``Ok`` (large
