@@ -216,3 +216,22 @@ def pool_factory(
     for ref in made:
         if (pool := ref()) is not None:
             pool.close()
+
+
+def record_reply_readers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the name of the thread that reads each message from a process pool's
+    workers (a task's event loop, or the pool's supervisor), in order.
+
+    Example: ``readers = record_reply_readers(monkeypatch)``.
+    """
+    from aioforward.pools.process._supervisor import Supervisor
+
+    readers: list[str] = []
+    handle = Supervisor.handle
+
+    def record(self: Supervisor, w: Any, data: bytes) -> bool:
+        readers.append(threading.current_thread().name)
+        return handle(self, w, data)
+
+    monkeypatch.setattr(Supervisor, "handle", record)
+    return readers

@@ -24,7 +24,7 @@ import aioforward as af
 from aioforward.pools._base import START_RETRIES
 
 from . import models as M
-from .conftest import LONG_LIVED_THREADS, assert_pool_idle, open_fds
+from .conftest import LONG_LIVED_THREADS, assert_pool_idle, open_fds, record_reply_readers
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -510,16 +510,7 @@ async def test_awaiting_task_reads_its_reply_on_asyncio(
 ) -> None:
     """On asyncio and uvloop the task that awaits a call reads the worker's reply itself, in
     the loop's thread; on trio (and for a sync caller) the supervisor thread does."""
-    from aioforward.pools.process._supervisor import Supervisor
-
-    readers: list[str] = []
-    handle = Supervisor.handle
-
-    def record(self: Supervisor, w: object, data: bytes) -> bool:
-        readers.append(threading.current_thread().name)
-        return handle(self, w, data)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Supervisor, "handle", record)
+    readers = record_reply_readers(monkeypatch)
     x = torch.arange(4.0)
     for _ in range(3):
         (y,), _ = await shared.forward(M.Echo(), x)

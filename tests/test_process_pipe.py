@@ -15,10 +15,9 @@ import torch
 
 import aioforward as af
 from aioforward.pools.process import _transport as tr
-from aioforward.pools.process._supervisor import Supervisor
 
 from . import models as M
-from .conftest import open_fds
+from .conftest import open_fds, record_reply_readers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,14 +100,7 @@ async def test_one_watch_serves_a_loops_calls_and_ends_at_close(
 def test_a_second_loop_is_served_while_another_watches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two loops in two threads take turns on one worker: the first keeps its watch; the
     second's calls are read by the supervisor meanwhile, and every call returns."""
-    readers: list[str] = []
-    handle = Supervisor.handle
-
-    def record(self: Supervisor, w: object, data: bytes) -> bool:
-        readers.append(threading.current_thread().name)
-        return handle(self, w, data)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Supervisor, "handle", record)
+    readers = record_reply_readers(monkeypatch)
     pool = af.ProcessPool(workers=1, name="pipe-test")
     m, x = M.Tiny(), torch.randn(1, 10)
     with torch.no_grad():
@@ -159,12 +151,6 @@ async def test_tasks_of_one_loop_sharing_workers_never_wait_for_the_supervisor(
     from aioforward.pools.process import _supervisor
 
     monkeypatch.setattr(_supervisor, "WATCH_INTERVAL", 2.0)  # a missed reply: read late
-    readers: list[str] = []
-    handle = Supervisor.handle
-
-    def record(self: Supervisor, w: object, data: bytes) -> bool:
-        readers.append(threading.current_thread().name)
-        return handle(self, w, data)  # type: ignore[arg-type]
 
     m = M.Tiny()
     xs = [torch.randn(1, 10) for _ in range(2)]
@@ -177,7 +163,7 @@ async def test_tasks_of_one_loop_sharing_workers_never_wait_for_the_supervisor(
 
     async with af.ProcessPool(workers=2, name="sharing") as pool:
         await pool.wait_ready(60)
-        monkeypatch.setattr(Supervisor, "handle", record)
+        readers = record_reply_readers(monkeypatch)
         async with anyio.create_task_group() as tg:
             for i in range(len(xs)):
                 tg.start_soon(calls, i)
