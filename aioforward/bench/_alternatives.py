@@ -110,31 +110,23 @@ def blocks24(width: int = 768) -> torch.nn.Module:
     )
 
 
-def echo_main(conn: Any) -> None:
+def echo_main(conn: Any, kind: str | None = None) -> None:
     """A spawned process that sends back every message: the floor of a pipe round trip.
+    With ``kind``, it first runs the bench's module ``kind`` on its own input (one torch
+    thread, inference mode): the floor of a process pool's round trip with the same forward
+    pass in the far process, and nothing moved but the message.
 
-    Example: ``ctx.Process(target=echo_main, args=(child_conn,)).start()``.
+    Example: ``ctx.Process(target=echo_main, args=(child_conn, "tiny")).start()``.
     """
+    module, x = None, None
+    if kind is not None:
+        torch.set_num_threads(1)
+        module, x = build(kind), _models.INPUTS[kind]()
     try:
         while data := conn.recv_bytes():
-            conn.send_bytes(data)
-    except EOFError:
-        pass
-
-
-def forward_echo_main(conn: Any, kind: str) -> None:
-    """:func:`echo_main` that also runs the bench's module ``kind`` on its own input (one
-    torch thread, inference mode) before it answers: the floor of a process pool's round
-    trip with the same forward pass in the far process, and nothing moved but the message.
-
-    Example: ``ctx.Process(target=forward_echo_main, args=(child_conn, "tiny")).start()``.
-    """
-    torch.set_num_threads(1)
-    module, x = build(kind), _models.INPUTS[kind]()
-    try:
-        while data := conn.recv_bytes():
-            with torch.inference_mode():
-                module(x)
+            if module is not None:
+                with torch.inference_mode():
+                    module(x)
             conn.send_bytes(data)
     except EOFError:
         pass

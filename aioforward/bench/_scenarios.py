@@ -98,13 +98,10 @@ async def overhead(run: Run, loop_name: str) -> None:
 async def _echo(ctx: Any, kind: str | None = None) -> AsyncIterator[Callable[[], Any]]:
     """A spawned echo process and a round trip to it driven by the event loop (``add_reader``):
     the floor under any process pool's round trip. ``kind``: the echo process runs that
-    module's forward pass before each answer (:func:`alt.forward_echo_main`)."""
+    module's forward pass before each answer (:func:`alt.echo_main`)."""
     loop = asyncio.get_running_loop()
     conn, child = ctx.Pipe()
-    target, args = (
-        (alt.echo_main, (child,)) if kind is None else (alt.forward_echo_main, (child, kind))
-    )
-    proc = ctx.Process(target=target, args=args, daemon=True)
+    proc = ctx.Process(target=alt.echo_main, args=(child, kind), daemon=True)
     proc.start()
     child.close()
     waiting: list[asyncio.Future[bytes]] = []

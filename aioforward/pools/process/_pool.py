@@ -540,23 +540,21 @@ class ProcessBackend(Backend):
         if item.stream is not None:
             stream = item.stream.buffer
             item.stream.on_take = _Credits(w, item.seq, stream).take
-        if box is None and not new and load is None and not drops and not stream:
-            data = fr.call_frame(item.seq, key, body)
-        else:
-            msg = CallMsg(
-                tuple(s.ref for s in new),
-                request,
-                table,
-                drops,
-                load,
-                body,
-                item.seq,
-                stream,
-                control,
-                head,
-                box is None,
-            )
-            data = pickle.dumps(msg, protocol=5)
+        # (a call that could go as a frame alone took the path above)
+        msg = CallMsg(
+            tuple(s.ref for s in new),
+            request,
+            table,
+            drops,
+            load,
+            body,
+            item.seq,
+            stream,
+            control,
+            head,
+            box is None,
+        )
+        data = pickle.dumps(msg, protocol=5)
         item.release_inputs()  # the inputs are copied: drop our references to them
         item.transfer_s = time.perf_counter() - t0
         self._send(w, data, [s.fd for s in new if s.fd is not None] if self.memfd else [])
