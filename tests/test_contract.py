@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import multiprocessing.process
 import os
 import sys
 import threading
@@ -166,18 +167,31 @@ async def test_a_closed_pool_refuses_at_once(make_pool: Callable[..., af.Pool]) 
             await pool.forward(M.Echo(), 1)
 
 
-def _ours() -> tuple[set[str], set[int]]:
-    threads = {t.name for t in threading.enumerate() if t.name.startswith("aioforward")}
-    return threads, {p.pid for p in psutil.Process().children(recursive=True)}
+async def test_constructing_starts_nothing(
+    make_pool: Callable[..., af.Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Count the starts themselves rather than diff the process table: a
+    # straggler of an earlier test (a worker still exiting, the resource
+    # tracker) must not fail this one, and a start here must.
+    started: list[str] = []
 
+    def recording(cls: type, what: str) -> None:
+        original = cls.start  # type: ignore[attr-defined]
 
-async def test_constructing_starts_nothing(make_pool: Callable[..., af.Pool]) -> None:
-    before = _ours()
+        def start(self: Any, *args: Any, **kwargs: Any) -> Any:
+            started.append(f"{what} {self!r}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "start", start)
+
+    recording(threading.Thread, "thread")
+    recording(multiprocessing.process.BaseProcess, "process")
     pool = make_pool(2)
-    assert _ours() == before
+    assert started == []
     assert pool.stats().workers == 0 and pool.worker_pids() == []
     await pool.wait_ready(60)  # the first use starts the workers
     assert pool.stats().workers == 2
+    assert started  # so the recording above can see a start
     if make_pool.kind == "process":  # type: ignore[attr-defined]
         assert len(pool.worker_pids()) == 2
 
