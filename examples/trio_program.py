@@ -1,4 +1,7 @@
-"""The same API under trio: a nursery of requests sharing one pool."""
+"""The same API under trio: a nursery of requests sharing one pool.
+
+Needs trio (`pip install 'aioforward[trio]'`).
+"""
 
 import torch
 import trio
