@@ -402,8 +402,7 @@ def _deliver(
     """End each caller's future: with its row, ``exc``, or cancelled. A ForwardFuture is set
     here (any thread); the asyncio futures of one loop are set by one call in that loop."""
     loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-    for i, f in enumerate(futures):
-        row = rows[i] if rows is not None else None
+    for f, row in zip(futures, rows if rows is not None else [None] * len(futures), strict=True):
         if isinstance(f, ForwardFuture):
             try:
                 _settle(f, row, exc, cancel)
@@ -419,6 +418,11 @@ def _deliver(
 def _settle_in_loop(
     pairs: list[tuple[asyncio.Future[Any], Any]], exc: BaseException | None, cancel: bool
 ) -> None:
+    if exc is None and not cancel:  # the common case, once per row: no call of _settle
+        for f, row in pairs:
+            if not f.done():  # else its caller was cancelled or timed out
+                f.set_result(row)
+        return
     for f, row in pairs:
         if not f.done():  # else its caller was cancelled or timed out
             _settle(f, row, exc, cancel)

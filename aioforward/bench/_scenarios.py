@@ -458,7 +458,7 @@ async def batching(run: Run) -> None:
     Example: ``asyncio.run(batching(Run("smoke")))``.
     """
     m, x = _models.mlp(), torch.randn(1024)
-    n_requests, reps, lone = run.n(1000, 1000, 250), run.n(5, 2, 1), run.n(200, 30, 20)
+    n_requests, reps, lone = run.n(1000, 1000, 250), run.n(9, 3, 1), run.n(200, 30, 20)
 
     async def burst(step: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         async with anyio.create_task_group() as tg:
@@ -499,6 +499,13 @@ async def batching(run: Run) -> None:
                     "calls_per_s": statistics.median(rs),
                     "parent_cpu": statistics.median(cpu[name]),  # this process, every thread
                 }
+                if name != "tasks-only":
+                    # What serving a request adds to its own task: each round's figure less
+                    # the tasks-only burst of the same round (paired, so that a slow stretch
+                    # of the machine hits both sides of the difference).
+                    run.results[f"batch/{kind}/{name}"]["net_cpu"] = statistics.median(
+                        [c - a for c, a in zip(cpu[name], cpu["tasks-only"], strict=True)]
+                    )
             s = b.stats()
             run.results[f"batch/{kind}/Batcher"]["mean_batch"] = s.samples / s.batches
             run.results[f"batch/{kind}/Batcher"]["requests"] = n_requests
