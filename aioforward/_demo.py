@@ -198,7 +198,11 @@ async def _demo(rounds: int, out: Output) -> list[Result]:
                 pool = ThreadPool(workers=2)
             elif "ProcessPool" in label:
                 pool = ProcessPool(workers=2)
-                await pool.warmup(m1, m2)
+            if pool is not None:
+                # every worker runs each module once: a module's first pass in a worker
+                # (oneDNN's kernels for those shapes, the allocator) costs several passes
+                await pool.warmup(m1, example=x1)
+                await pool.warmup(m2, example=x2)
             try:
                 both = None if pool is None else serial
                 results.append((label, await _measure(one_round, rounds, out.advance, both)))
