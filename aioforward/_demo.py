@@ -167,49 +167,37 @@ async def _demo(rounds: int, out: Output) -> list[Result]:
     torch.manual_seed(0)
     m1, m2 = _models.mlp(), _models.conv()
     x1, x2 = _models.INPUTS["mlp"](), _models.INPUTS["conv"]()
-    results: list[Result] = []
 
     async def direct() -> None:
         with torch.inference_mode():
             m1(x1)
             m2(x2)
 
-    pool: Pool | None = None
-
-    async def parallel() -> None:
-        assert pool is not None
-        await run_parallel(call(m1, x1), call(m2, x2), pool=pool)
-
-    async def serial() -> None:
-        assert pool is not None
-        await pool.forward(m1, x1)
-        await pool.forward(m2, x2)
-
-    modes: list[tuple[str, Round]] = [
-        (f"direct, {usable_cpus()} torch threads", direct),
-        ("ThreadPool(workers=2)", parallel),
-        ("ProcessPool(workers=2)", parallel),
-    ]
-    out.start(len(modes) * (rounds + 1))
+    label = f"direct, {usable_cpus()} torch threads"
+    out.start(3 * (rounds + 1))
     try:
-        for label, one_round in modes:
+        out.mode(label)
+        results: list[Result] = [(label, await _measure(direct, rounds, out.advance))]
+        make_pool: Callable[[], Pool]
+        for label, make_pool in (
+            ("ThreadPool(workers=2)", lambda: ThreadPool(workers=2)),
+            ("ProcessPool(workers=2)", lambda: ProcessPool(workers=2)),
+        ):
             out.mode(label)
-            if "ThreadPool" in label:
-                pool = ThreadPool(workers=2)
-            elif "ProcessPool" in label:
-                pool = ProcessPool(workers=2)
-            if pool is not None:
+            async with make_pool() as pool:
                 # every worker runs each module once: a module's first pass in a worker
                 # (oneDNN's kernels for those shapes, the allocator) costs several passes
                 await pool.warmup(m1, example=x1)
                 await pool.warmup(m2, example=x2)
-            try:
-                both = None if pool is None else serial
-                results.append((label, await _measure(one_round, rounds, out.advance, both)))
-            finally:
-                if pool is not None:
-                    await pool.aclose()
-                    pool = None
+
+                async def parallel(pool: Pool = pool) -> None:
+                    await run_parallel(call(m1, x1), call(m2, x2), pool=pool)
+
+                async def serial(pool: Pool = pool) -> None:
+                    await pool.forward(m1, x1)
+                    await pool.forward(m2, x2)
+
+                results.append((label, await _measure(parallel, rounds, out.advance, serial)))
     finally:
         out.stop()
     return results

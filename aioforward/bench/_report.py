@@ -279,15 +279,14 @@ def _batching(r: Results) -> list[Target]:
                 bt / ub >= 5,
             )
         )
-        cpu = r[f"batch/{pool}/Batcher"].get("parent_cpu")
-        alone = r.get(f"batch/{pool}/tasks-only", {}).get("parent_cpu")
-        if pool == "ProcessPool" and cpu is not None and alone is not None:
+        net = r[f"batch/{pool}/Batcher"].get("net_cpu")
+        if pool == "ProcessPool" and net is not None:
             # The requests' own tasks (anyio's task group) are the caller's cost, measured
             # beside: the target is what serving them through the Batcher adds (the median
-            # of each round's difference; results from before that figure: the medians').
-            net = r[f"batch/{pool}/Batcher"].get("net_cpu", cpu - alone)
-            unbatched = r[f"batch/{pool}/unbatched"]
-            net_unbatched = unbatched.get("net_cpu", unbatched["parent_cpu"] - alone)
+            # of each round's difference).
+            cpu = r[f"batch/{pool}/Batcher"]["parent_cpu"]
+            alone = r[f"batch/{pool}/tasks-only"]["parent_cpu"]
+            net_unbatched = r[f"batch/{pool}/unbatched"]["net_cpu"]
             out.append(
                 Target(
                     "Batcher on ProcessPool: parent CPU per request (time.process_time), "
