@@ -117,6 +117,11 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
             return self._result  # type: ignore[return-value]
         return super().result(timeout)
 
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == FINISHED:  # no lock, and no condition made, for a finished call
+            return self._exception
+        return super().exception(timeout)
+
     def cancel(self) -> bool:
         """Cancel the call unless it has finished; return whether it is cancelled.
 
