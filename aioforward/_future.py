@@ -62,7 +62,10 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
 
     # The pool's work item, set by the pool before the future is handed out.
     _item: WorkItem | None = None
-    # Told once, in the cancelling thread, when cancel() succeeds (the pool's core).
+    # Told once, in the cancelling thread, when cancel() succeeds: the pool's core or the
+    # Batcher, which drop the call, and so call set_running_or_notify_cancel() as an
+    # executor's work loop does for a cancelled call it takes (concurrent.futures.wait and
+    # as_completed count a cancelled future as done only then).
     _on_cancel: Callable[[ForwardFuture[Any]], None] | None = None
     # Hands the call to its reserved worker; set when the pool left that to the awaiting task
     # (PoolCore.submit(awaited=True)), which runs it first thing in __await__, with its

@@ -192,6 +192,7 @@ class Batcher:
             row = await fut          # or fut.result() from sync code
         """
         fut: ForwardFuture[Any] = ForwardFuture()
+        fut._on_cancel = _notify_cancelled
         batch = self._add(args, kwargs, fut)
         fut.add_done_callback(batch.abandon)
         return fut
@@ -235,6 +236,19 @@ class Batcher:
         # thread), or the OpenMP team it would start here spins on the cores the forward
         # passes need for milliseconds after every batch.
         torch.set_num_threads(1)
+        try:
+            self._flush()
+        except BaseException as exc:  # cannot happen; fail the waiting samples, not hang them
+            with self._cv:
+                stranded = self._ready + list(self._open.values())
+                self._ready, self._open = [], {}
+                if self._thread is threading.current_thread():
+                    self._thread = None  # the next submit starts a new flusher
+            for batch in stranded:
+                _deliver(batch.futures, exc=exc)
+            raise
+
+    def _flush(self) -> None:
         while True:
             with self._cv:
                 due, wait = self._due_locked()
@@ -258,7 +272,12 @@ class Batcher:
             due += self._open.values()
             self._open.clear()
             return due, None
-        limit = self.max_in_flight or resolve_pool(self.pool).workers
+        limit = self.max_in_flight
+        if limit is None:
+            try:
+                limit = resolve_pool(self.pool).workers
+            except Exception:  # e.g. the default pool was closed: every batch runs now and
+                limit = len(self._open) + len(due) + self._in_flight  # fails in _run with it
         now, wait = time.monotonic(), None
         for key, batch in list(self._open.items()):  # oldest first
             if self._in_flight + len(due) >= limit:
@@ -310,26 +329,32 @@ class Batcher:
         if exc is not None:
             _deliver(futures, exc=exc)
             return
-        leaves, spec = flatten(out.result())
-        n = len(futures)
+        try:
+            rows = self._rows(out.result(), len(futures))
+        except Exception as e:  # a bad output: every caller of the batch gets the error
+            _deliver(futures, exc=e)
+            return
+        _deliver(futures, rows)
+
+    def _rows(self, output: Any, n: int) -> Sequence[Any]:
+        """Split a batch's ``output`` into the ``n`` callers' rows."""
+        leaves, spec = flatten(output)
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != n):
-                bad = ValueError(
+                raise ValueError(
                     f"{self._name}: the module returned a tensor of shape {tuple(leaf.shape)} "
                     f"for a batch of {n} samples; each output tensor needs one row per "
                     "sample along dimension 0"
                 )
-                _deliver(futures, exc=bad)
-                return
         # Each tensor split at once (unbind: the same views as indexing, in one call).
         columns = [
             leaf.unbind(0) if isinstance(leaf, torch.Tensor) else (leaf,) * n for leaf in leaves
         ]
         if spec == _LEAF:  # the module returned one tensor (or value): each row as it is
-            rows: Sequence[Any] = columns[0]
-        else:
-            rows = [unflatten(spec, iter(row)) for row in zip(*columns, strict=True)]
-        _deliver(futures, rows)
+            return columns[0]
+        if not columns:  # no leaves at all (e.g. an empty tuple): each caller gets it
+            return [unflatten(spec, iter(())) for _ in range(n)]
+        return [unflatten(spec, iter(row)) for row in zip(*columns, strict=True)]
 
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> BatcherStats:
@@ -382,6 +407,11 @@ class Batcher:
 _ONE_TENSOR = flatten(((torch.empty(0),), {}))[1]  # the spec of batcher(x)
 
 
+def _notify_cancelled(fut: ForwardFuture[Any]) -> None:
+    """A sample's future was cancelled: its row is dropped (see ``_on_cancel``)."""
+    fut.set_running_or_notify_cancel()
+
+
 def _signature(leaf: Any) -> Hashable:
     """What must match for two samples' leaves to share a batch."""
     if isinstance(leaf, torch.Tensor):  # (torch.Size is a tuple)
@@ -429,9 +459,15 @@ def _settle_in_loop(
 
 
 def _settle(f: _Sink, row: Any, exc: BaseException | None, cancel: bool) -> None:
-    """End one caller's future (an asyncio one in its loop's thread)."""
-    if cancel:
+    """End one caller's future (an asyncio one in its loop's thread). A batch the pool
+    cancelled (``shutdown(cancel_futures=True)``) cancels a ForwardFuture, and raises
+    ``concurrent.futures.CancelledError`` in an asyncio caller, as awaiting a cancelled
+    ForwardFuture does on every loop: ``asyncio.CancelledError`` would tell the caller's task
+    that it was cancelled itself, and a task group would drop the failure silently."""
+    if cancel and isinstance(f, ForwardFuture):
         f.cancel()
+    elif cancel:
+        f.set_exception(concurrent.futures.CancelledError())
     elif exc is not None:
         f.set_exception(exc)
     else:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import pytest
@@ -14,9 +15,6 @@ import aioforward as af
 
 from . import models as M
 from .conftest import assert_pool_idle
-
-if TYPE_CHECKING:
-    import concurrent.futures
 
 pytestmark = pytest.mark.anyio
 
@@ -52,6 +50,11 @@ class Structured(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor], tag: str) -> tuple[Any, ...]:
         total = inputs["a"] + inputs["b"].sum(-1, keepdim=True)
         return M.Point(total, tag), {"n": inputs["a"].shape[0], "rows": total * 2}
+
+
+class NoLeaves(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[()]:
+        return ()
 
 
 class WrongRows(nn.Module):
@@ -146,12 +149,82 @@ async def test_output_without_a_row_per_sample_is_a_clear_error() -> None:
             await batcher(torch.ones(3))
 
 
+async def test_output_with_no_tensor_reaches_each_caller() -> None:
+    """A module that returns an empty structure: each caller gets it, none waits for ever."""
+    async with (
+        af.ThreadPool(workers=1) as pool,
+        af.Batcher(NoLeaves(), pool, max_delay=0.05) as batcher,
+    ):
+        fut = batcher.submit(torch.ones(3))
+        with anyio.fail_after(10):
+            assert await batcher(torch.ones(3)) == ()
+            assert await fut == ()
+
+
+async def test_a_batch_the_pool_cancels_fails_its_callers_with_an_exception() -> None:
+    """``shutdown(cancel_futures=True)`` cancels a batch queued in the pool: every caller gets
+    ``concurrent.futures.CancelledError`` (an Exception), on each event loop, as awaiting a
+    cancelled pool call does; never ``asyncio.CancelledError``, which would tell the caller's
+    task that it was cancelled itself, so that a task group would drop the failure."""
+    m = Held()
+    pool = af.ThreadPool(workers=1)
+    # one batch in flight: the two callers' samples wait for each other, then run as a full
+    # batch, which the pool queues behind the held one
+    async with af.Batcher(m, pool, max_batch_size=2, max_in_flight=1) as batcher:
+        first = batcher.submit(torch.ones(4))
+        try:
+            await anyio.to_thread.run_sync(m.entered.wait, 10)  # the only worker is held
+            errors: list[BaseException] = []
+
+            async def caller() -> None:
+                try:
+                    await batcher(torch.ones(4))
+                except Exception as exc:
+                    errors.append(exc)
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(caller)
+                    tg.start_soon(caller)
+                    while pool.stats().queued == 0:
+                        await anyio.sleep(0.01)
+                    pool.shutdown(wait=False, cancel_futures=True)
+            assert [type(e) for e in errors] == [concurrent.futures.CancelledError] * 2
+        finally:
+            m.release.set()
+            await first
+            await pool.aclose()
+
+
+async def test_a_closed_default_pool_fails_callers_and_a_new_one_serves_them() -> None:
+    """A Batcher on the default pool, while the default pool installed by the user is closed:
+    its callers get PoolClosedError (the flusher thread survives it), and once another default
+    pool is installed they are served again."""
+    m = Recorder()
+    first, second = af.ThreadPool(workers=1), af.ThreadPool(workers=1)
+    try:
+        af.set_default_pool(first)
+        async with af.Batcher(m) as batcher:
+            with anyio.fail_after(10):
+                await batcher(torch.ones(4))
+                await first.aclose()
+                with pytest.raises(af.PoolClosedError, match="has been closed"):
+                    await batcher(torch.ones(4))
+                af.set_default_pool(second)
+                assert (await batcher(torch.ones(4))).shape == (2,)
+    finally:
+        af.set_default_pool(None)
+        await second.aclose()
+
+
 async def test_cancelled_sample_leaves_its_batch_and_timeout_is_builtin() -> None:
     m = Recorder()
     async with af.ThreadPool(workers=1) as pool, af.Batcher(m, pool, max_delay=0.2) as batcher:
         kept = batcher.submit(torch.ones(4))
         dropped = batcher.submit(torch.ones(4))
         assert dropped.cancel()
+        done, _ = concurrent.futures.wait([dropped], timeout=5)  # at once, as an executor's
+        assert done == {dropped}
         await kept
         with pytest.raises(TimeoutError):
             await batcher(torch.ones(4), timeout=0.01)  # leaves before its batch runs

@@ -611,6 +611,27 @@ def test_setting_a_future_twice() -> None:
     assert g.exception() is e
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_cancelled_calls_are_done_for_wait_and_as_completed(kind: str) -> None:
+    """A call cancelled while queued (the pool drops it: no executor loop ever calls
+    set_running_or_notify_cancel for it) counts as done for concurrent.futures.wait and
+    as_completed at once, as with the standard executors."""
+    import concurrent.futures
+
+    with make(kind, 1) as e:
+        running = e.submit(time.sleep, 0.5)
+        queued = e.submit(pow, 2, 8)
+        assert queued.cancel()
+        t0 = time.monotonic()
+        done, not_done = concurrent.futures.wait([queued, running], timeout=20)
+        assert (done, not_done) == ({queued, running}, set())
+        assert list(concurrent.futures.as_completed([queued], timeout=5)) == [queued]
+        first, _ = concurrent.futures.wait(
+            [queued, e.submit(time.sleep, 1)], timeout=20, return_when="FIRST_COMPLETED"
+        )
+        assert first == {queued} and time.monotonic() - t0 < 4
+
+
 # ------------------------------------------------------------------- deliberate differences
 def test_failing_initializer_keeps_retrying() -> None:
     with AfProcessExecutor(2, initializer=cf.init_fail) as e:

@@ -80,6 +80,24 @@ async def test_timeout_raises_builtin_timeout_error() -> None:
         gate.release.set()
 
 
+async def test_a_result_does_not_live_as_long_as_its_timeout() -> None:
+    """The deadline of a call that ended is forgotten with it: its result is freed once the
+    caller drops it (not 300 s later), and the pool's timer does not pile up entries."""
+    import gc
+    import weakref
+
+    async with af.ThreadPool(workers=1) as pool:
+        m, x = Tiny(), torch.zeros(1, 10)
+        refs = []
+        for _ in range(200):
+            y = await pool.forward(m, x, timeout=300)
+            refs.append(weakref.ref(y))
+            del y
+        gc.collect()
+        assert [r for r in refs if r() is not None] == []
+        assert len(pool._core._timer._heap) <= 2 * 64 + 2  # cancelled entries are compacted
+
+
 async def test_capacity_is_fifo_and_bounded() -> None:
     order: list[int] = []
     lock = threading.Lock()

@@ -139,20 +139,39 @@ class _Timer:
     def __init__(self, name: str) -> None:
         self._name = name
         self._cv = threading.Condition()
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        # [when, seq, fn]: a list, so that cancel() can clear fn where it lies in the heap
+        self._heap: list[list[Any]] = []
+        self._dead = 0  # cancelled entries still in the heap
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = False
 
-    def call_at(self, when: float, fn: Callable[[], None]) -> None:
+    def call_at(self, when: float, fn: Callable[[], None]) -> list[Any]:
+        """Call ``fn`` in the timer's thread at ``when`` (``time.monotonic``); return the
+        entry that :meth:`cancel` takes."""
+        entry = [when, next(self._seq), fn]
         with self._cv:
             if self._stopped:
-                return
-            heapq.heappush(self._heap, (when, next(self._seq), fn))
+                return entry
+            heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
                 self._thread.start()
             self._cv.notify()
+        return entry
+
+    def cancel(self, entry: list[Any]) -> None:
+        """Forget ``entry`` (and what its function holds). The heap is rebuilt once most of
+        it is cancelled, so that calls with long timeouts that ended do not pile up in it."""
+        with self._cv:
+            if entry[2] is None or self._stopped:
+                return
+            entry[2] = None
+            self._dead += 1
+            if self._dead > 64 and 2 * self._dead > len(self._heap):
+                self._heap = [e for e in self._heap if e[2] is not None]
+                heapq.heapify(self._heap)
+                self._dead = 0
 
     def stop(self, join: bool) -> None:
         with self._cv:
@@ -172,7 +191,10 @@ class _Timer:
                     now = time.monotonic()
                     if self._heap and self._heap[0][0] <= now:
                         fn = heapq.heappop(self._heap)[2]
-                        break
+                        if fn is not None:
+                            break
+                        self._dead -= 1
+                        continue
                     self._cv.wait(self._heap[0][0] - now if self._heap else None)
             fn()
             del fn
@@ -264,7 +286,10 @@ class PoolCore:
                     )
                 self._queue.append(item)
             if deadline is not None:
-                self._timer.call_at(deadline, lambda: self._expire(item))
+                # The entry holds the item weakly, and the call's end cancels it: a result
+                # must not live as long as its timeout.
+                ref = weakref.ref(item)
+                item.timer = self._timer.call_at(deadline, lambda: self._expire_ref(ref))
         if starts:
             self._start_workers(starts)
         if worker is not None:
@@ -390,7 +415,11 @@ class PoolCore:
         nxt: WorkItem | None = None
         stop = False
         starts: list[Worker] = []
+        if item.timer is not None:
+            self._timer.cancel(item.timer)
         with self._lock:
+            if w.item is not item:
+                return  # the worker was lost meanwhile, and worker_lost ended the call
             self._busy -= 1
             w.item = None
             if not abandoned:
@@ -484,6 +513,8 @@ class PoolCore:
                         self._timer.call_at(time.monotonic() + delay, self._refill)
             self._changed.notify_all()
         if item is not None:
+            if item.timer is not None:
+                self._timer.cancel(item.timer)
             _complete(item.future, None, item_error or err or RuntimeError("worker lost"))
             item.release_inputs()
         for q in failed_queue:
@@ -504,6 +535,7 @@ class PoolCore:
     # ------------------------------------------------------------------ cancel & deadlines
     def _on_cancel(self, fut: ForwardFuture[Any]) -> None:
         """``fut`` was just cancelled (called once, in the cancelling thread)."""
+        fut.set_running_or_notify_cancel()  # the call is dropped: tell concurrent.futures.wait
         item = fut._item
         if item is None:
             return
@@ -522,6 +554,11 @@ class PoolCore:
             b = self.backend
             self._stop_running(w, item, kill=b.interrupt_on_cancel, now=b.kill_on_cancel)
         self._maybe_closed()
+
+    def _expire_ref(self, ref: weakref.ref[WorkItem]) -> None:
+        item = ref()
+        if item is not None:
+            self._expire(item)
 
     def _expire(self, item: WorkItem) -> None:
         if item.future.done():

@@ -40,6 +40,7 @@ class WorkItem:
     """One call travelling through a pool."""
 
     __slots__ = (
+        "__weakref__",
         "call",
         "cancel_requested",
         "compute_s",
@@ -51,6 +52,7 @@ class WorkItem:
         "stream",
         "t_start",
         "t_submit",
+        "timer",
         "transfer_s",
         "worker",
     )
@@ -77,6 +79,7 @@ class WorkItem:
         self.t_start = 0.0
         self.compute_s = 0.0
         self.transfer_s = 0.0
+        self.timer: list[Any] | None = None  # the core's timer entry for its deadline
 
     @property
     def name(self) -> str:
