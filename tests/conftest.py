@@ -229,9 +229,9 @@ def record_reply_readers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     readers: list[str] = []
     handle = Supervisor.handle
 
-    def record(self: Supervisor, w: Any, data: bytes) -> bool:
+    def record(self: Supervisor, w: Any, data: bytes, in_loop: bool = False) -> bool:
         readers.append(threading.current_thread().name)
-        return handle(self, w, data)
+        return handle(self, w, data, in_loop)
 
     monkeypatch.setattr(Supervisor, "handle", record)
     return readers

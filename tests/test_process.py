@@ -13,7 +13,7 @@ import textwrap
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psutil
@@ -520,6 +520,86 @@ async def test_awaiting_task_reads_its_reply_on_asyncio(
     expected = me if anyio_backend[0] == "asyncio" else "aioforward-shared-supervisor"
     assert readers[:3] == [expected] * 3
     assert readers[3] == "aioforward-shared-supervisor"
+
+
+async def test_large_tensors_are_copied_off_the_event_loop(
+    shared: af.ProcessPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying a large input into shared memory, or a large result out of it, blocks the
+    thread that does it (a 64 MiB result froze the loop for 40 ms): from LOOP_COPY_MAX bytes
+    the supervisor thread copies, whether the call is awaited at once or submitted; below it
+    the caller's thread does, which costs the small call no hand-off."""
+    from aioforward.pools.process import _transport as tr
+    from aioforward.pools.process._supervisor import LOOP_COPY_MAX
+
+    copies: list[tuple[str, str, int]] = []  # (what, thread, bytes)
+    write, loads = tr.Outbox.write, tr.loads
+
+    def record_write(self: tr.Outbox, seg: tr.Segment) -> list[tuple[int, str, tuple[int, ...]]]:
+        copies.append(("in", threading.current_thread().name, self.big_bytes()))
+        return write(self, seg)
+
+    def record_loads(data: bytes, seg: object, table: list[Any], *, copy: bool) -> object:
+        if copy and table:
+            copies.append(("out", threading.current_thread().name, tr.table_bytes(table)))
+        return loads(data, seg, table, copy=copy)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tr.Outbox, "write", record_write)
+    monkeypatch.setattr(tr, "loads", record_loads)
+    me, supervisor = threading.current_thread().name, "aioforward-shared-supervisor"
+    big = torch.randn(LOOP_COPY_MAX // 4 + 16)  # just over the limit
+    small = torch.randn(LOOP_COPY_MAX // 8)  # in shared memory (> inline), under the limit
+    for x in (big, small):
+        copies.clear()
+        (y,), _ = await shared.forward(M.Echo(), x)
+        assert torch.equal(y, x)
+        (y,), _ = await shared.submit(M.Echo(), x)
+        assert torch.equal(y, x)
+        assert {what for what, _, _ in copies} == {"in", "out"}
+        for what, thread, nbytes in copies:
+            if nbytes >= LOOP_COPY_MAX:
+                assert thread == supervisor, (what, thread, nbytes)
+            elif what == "in":
+                assert thread == me, (what, thread, nbytes)
+            # a small result is read by the awaiting loop on asyncio, else by the supervisor
+
+
+def test_an_idle_worker_dying_as_a_call_reserves_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle worker is killed; a submit reserves it before the supervisor reaps it, and
+    sends only after: the caller gets WorkerCrashedError, the counts stay right (nothing busy
+    once it ended) and the next call runs on the replacement."""
+    from aioforward.pools.process._supervisor import Supervisor
+
+    reaped, on_exit = threading.Event(), Supervisor._on_exit
+    may_reap = threading.Event()
+
+    def held_on_exit(self: Supervisor, w: Any) -> None:
+        may_reap.wait(10)  # the submit below reserves the dead worker meanwhile
+        on_exit(self, w)
+        reaped.set()
+
+    with af.ProcessPool(workers=1) as pool:
+        m, x = M.Tiny(), torch.zeros(1, 10)
+        pool.submit(m, x).result(60)
+        backend = pool._core.backend
+        send_call = backend.send_call
+
+        def late_send(w: Any, item: Any) -> None:
+            may_reap.set()
+            assert reaped.wait(10)
+            send_call(w, item)
+
+        monkeypatch.setattr(Supervisor, "_on_exit", held_on_exit)
+        monkeypatch.setattr(backend, "send_call", late_send)
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        time.sleep(0.2)  # the supervisor sees the death, and waits to reap it
+        fut = pool.submit(m, x)
+        with pytest.raises(af.WorkerCrashedError):
+            fut.result(30)
+        monkeypatch.undo()
+        assert pool.submit(m, x).result(60).shape == (1, 5)
+        assert_pool_idle(pool)
+        assert pool.stats().busy == 0
 
 
 async def test_loop_blocked_on_a_call_queued_behind_its_own_does_not_deadlock() -> None:

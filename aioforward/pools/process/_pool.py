@@ -60,7 +60,7 @@ from . import _frames as fr
 from . import _transport as tr
 from ._messages import MAIN_GUARD_EXIT, OOM_EXIT, CallMsg, Stop, StreamCtl
 from ._shipping import ModuleShipper
-from ._supervisor import Supervisor
+from ._supervisor import LOOP_COPY_MAX, Supervisor
 from ._worker import WorkerOptions
 
 if TYPE_CHECKING:
@@ -131,10 +131,21 @@ class ProcessWorker(Worker):
         with self.read_lock:
             self.reader = None
             poke = not self.watched
+        supervisor = self.backend.supervisor
+        assert supervisor is not None
+        if self._copies_large(item, supervisor):
+            supervisor.send_later(self, item)  # it waits on the pipe once it has sent
+            return
         self.backend.send_call(self, item)
         if poke:  # the supervisor must wait on the pipe for this reply
-            assert self.backend.supervisor is not None
-            self.backend.supervisor.poke()
+            supervisor.poke()
+
+    def _copies_large(self, item: WorkItem, supervisor: Supervisor) -> bool:
+        """Whether sending ``item`` copies ``LOOP_COPY_MAX`` bytes or more into shared memory:
+        the supervisor's thread then sends it, so that the calling thread, usually an event
+        loop's, does not copy them."""
+        box = item.payload[3]
+        return box is not None and box.big_bytes() >= LOOP_COPY_MAX and not supervisor.in_thread()
 
     def run_awaited(self, item: WorkItem, loop: Any) -> Any:
         """Send ``item`` for a task that awaits it at once in the asyncio ``loop``: that loop
@@ -148,6 +159,11 @@ class ProcessWorker(Worker):
         token = object()
         with self.read_lock:
             self.reader = token
+        supervisor = self.backend.supervisor
+        assert supervisor is not None
+        if self._copies_large(item, supervisor):
+            supervisor.send_later(self, item)  # the loop still reads the reply
+            return functools.partial(self._read_reply, token)
         try:
             self.backend.send_call(self, item)
         except BaseException:
@@ -200,7 +216,7 @@ class ProcessWorker(Worker):
             try:
                 data = tr.recv_message(watch.fd)
                 assert self.backend.supervisor is not None
-                ended = self.backend.supervisor.handle(self, data)
+                ended = self.backend.supervisor.handle(self, data, in_loop=True)
             except BaseException as exc:
                 # The worker died (the supervisor reports it), or reading failed: hand the
                 # read to the supervisor rather than see the pipe readable on every turn.
@@ -569,7 +585,8 @@ class ProcessBackend(Backend):
     def _send(w: ProcessWorker, data: bytes, fds: list[int] | None = None) -> None:
         """Send a message (and descriptors after it) on ``w``'s pipe."""
         conn = w.conn
-        assert conn is not None
+        if conn is None:
+            return  # the worker died and was reaped: worker_lost failed the call
         try:
             with w.send_lock:
                 tr.send_message(conn.fileno(), data)

@@ -39,7 +39,10 @@ from ._messages import (
 from ._worker import worker_main
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .._base import PoolCore
+    from .._worker import WorkItem
     from ._pool import ProcessBackend, ProcessWorker
 
 __all__ = ["Supervisor"]
@@ -48,6 +51,10 @@ _environ_lock = threading.Lock()  # spawn copies os.environ: one start at a time
 # How long a reply may wait unread by the task that owns it before this thread reads it; also
 # how often it looks while a task owns a pipe.
 WATCH_INTERVAL = 0.1
+# Tensors of this many bytes or more in shared memory are copied by this thread, never by an
+# event loop's thread: a call awaited on asyncio reads its reply in the loop (see
+# ProcessWorker.run_awaited), and copying a 64 MiB result there froze the loop for 40 ms.
+LOOP_COPY_MAX = 1 << 20
 
 
 class Supervisor:
@@ -58,6 +65,7 @@ class Supervisor:
         self._core = core
         self._lock = threading.Lock()
         self._to_spawn: list[ProcessWorker] = []
+        self._soon: list[Callable[[], None]] = []  # run by this thread (see call_soon)
         self._procs: dict[int, ProcessWorker] = {}  # started processes, by worker id
         self._closing = False
         self._wake_r, self._wake_w = os.pipe()
@@ -87,6 +95,29 @@ class Supervisor:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in this thread, before it next waits (``fn`` handles its own errors)."""
+        with self._lock:
+            self._soon.append(fn)
+        self.poke()
+
+    def in_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def send_later(self, w: ProcessWorker, item: WorkItem) -> None:
+        """Copy ``item``'s inputs and send it to ``w`` from this thread (large inputs: see
+        ``LOOP_COPY_MAX``); the call fails as ``PoolCore._run`` would fail it."""
+
+        def send() -> None:
+            if w.item is not item:  # the worker died meanwhile (this thread reaped it and
+                return  # failed the call); a cancelled call is sent, as it would have been
+            try:
+                self._backend.send_call(w, item)
+            except Exception as exc:
+                self._core.call_done(w, item, exc=exc)
+
+        self.call_soon(send)
+
     def poke(self) -> None:
         """Wake the thread: it recomputes what it waits on."""
         with contextlib.suppress(BlockingIOError, OSError):
@@ -106,12 +137,15 @@ class Supervisor:
         while True:
             with self._lock:
                 spawns, self._to_spawn = self._to_spawn, []
+                soon, self._soon = self._soon, []
                 closing = self._closing
             for w in spawns:
                 self._start(w)
+            for fn in soon:
+                fn()
             with self._lock:
                 procs = list(self._procs.values())
-                if closing and not procs and not self._to_spawn:
+                if closing and not procs and not self._to_spawn and not self._soon:
                     return
             waitables: list[Any] = [self._wake_r]
             by_conn: dict[Any, ProcessWorker] = {}
@@ -231,9 +265,10 @@ class Supervisor:
                 return  # the sentinel reports the exit
             self.handle(w, data)
 
-    def handle(self, w: ProcessWorker, data: bytes) -> bool:
-        """Act on one message from ``w`` (read by this thread or by the task that awaits the
-        call, under ``w.read_lock``); return whether it ended the call."""
+    def handle(self, w: ProcessWorker, data: bytes, in_loop: bool = False) -> bool:
+        """Act on one message from ``w`` (read by this thread, or under ``w.read_lock`` by the
+        event loop of the task that awaits the call: ``in_loop``); return whether it ended the
+        call, or handed its end to this thread."""
         if data[0] == fr.REPLY:  # a small tensor result, in a frame of its own
             self._on_reply(w, data)
             return True
@@ -247,10 +282,21 @@ class Supervisor:
             w.oom = msg.traceback  # the process exits with OOM_EXIT; _on_exit fails the call
         elif isinstance(msg, Item):
             self._on_item(w, msg)
+        elif in_loop and isinstance(msg, Ok) and tr.table_bytes(msg.table) >= LOOP_COPY_MAX:
+            # Copy the result out here, not in the loop. Its segments' descriptors follow it
+            # on the pipe: take them now, so that the pipe holds nothing more for the loop.
+            self._receive_segments(w, msg)
+            ok = msg._replace(new=())
+            self.call_soon(lambda: self._on_reply_locked(w, ok))
+            return True
         else:
             self._on_reply(w, msg)
             return True
         return False
+
+    def _on_reply_locked(self, w: ProcessWorker, msg: Ok) -> None:
+        with w.read_lock:
+            self._on_reply(w, msg)
 
     def _on_reply(self, w: ProcessWorker, msg: Any) -> None:
         item = w.item

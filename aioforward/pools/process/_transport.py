@@ -324,6 +324,11 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+def table_bytes(table: list[tuple[int, str, tuple[int, ...]]]) -> int:
+    """The bytes of the tensors a message's ``table`` places in shared memory."""
+    return sum(_numel(shape) * _dtype(dt).itemsize for _, dt, shape in table)
+
+
 def _round(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
