@@ -54,7 +54,9 @@ WATCH_INTERVAL = 0.1
 # Tensors of this many bytes or more in shared memory are copied by this thread, never by an
 # event loop's thread: a call awaited on asyncio reads its reply in the loop (see
 # ProcessWorker.run_awaited), and copying a 64 MiB result there froze the loop for 40 ms.
-LOOP_COPY_MAX = 1 << 20
+# Below it the calling thread copies: about 1 ms at most here, where handing the copy to this
+# thread costs a wake-up (0.2 ms) that a mid-size call would pay each way.
+LOOP_COPY_MAX = 4 << 20
 
 
 class Supervisor:
