@@ -564,6 +564,43 @@ async def test_large_tensors_are_copied_off_the_event_loop(
             # a small result is read by the awaiting loop on asyncio, else by the supervisor
 
 
+async def test_a_large_reply_handed_over_survives_its_worker_dying(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: tuple[str, dict[str, object]]
+) -> None:
+    """The loop hands a large reply to the supervisor to copy out, and the worker dies before
+    the supervisor gets to it: the call still ends with its result (the reply arrived), and
+    the supervisor reaps and replaces the worker after."""
+    from aioforward.pools.process._supervisor import LOOP_COPY_MAX, Supervisor
+
+    if anyio_backend[0] == "trio":
+        pytest.skip("on trio the supervisor reads every reply itself: nothing is handed over")
+    call_soon = Supervisor.call_soon
+    handed: list[object] = []
+
+    def kill_first(self: Supervisor, w: Any, fn: Any) -> None:
+        handed.append(fn)
+        if len(handed) == 2:  # the input's copy, then the reply its task's loop read
+            os.kill(w.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.NoSuchProcess):  # reaped already: dead too
+                while psutil.Process(w.pid).status() != psutil.STATUS_ZOMBIE:
+                    time.sleep(0.01)  # its sentinel is ready before the hand-over is queued
+        call_soon(self, w, fn)
+
+    async with af.ProcessPool(workers=1) as pool:
+        x = torch.randn(LOOP_COPY_MAX // 4 + 16)
+        await pool.warmup(M.Echo(), example=x)
+        (pid,) = pool.worker_pids()
+        monkeypatch.setattr(Supervisor, "call_soon", kill_first)
+        (y,), _ = await pool.forward(M.Echo(), x)
+        assert torch.equal(y, x)
+        assert len(handed) == 2
+        monkeypatch.undo()
+        with anyio.fail_after(60):
+            while pool.worker_pids() in ([], [pid]) or pool.stats().workers < 1:
+                await anyio.sleep(0.05)
+        assert (await pool.forward(M.Echo(), x))[0][0].shape == x.shape
+
+
 def test_an_idle_worker_dying_as_a_call_reserves_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """An idle worker is killed; a submit reserves it before the supervisor reaps it, and
     sends only after: the caller gets WorkerCrashedError, the counts stay right (nothing busy

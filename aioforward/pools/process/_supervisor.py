@@ -67,7 +67,8 @@ class Supervisor:
         self._core = core
         self._lock = threading.Lock()
         self._to_spawn: list[ProcessWorker] = []
-        self._soon: list[Callable[[], None]] = []  # run by this thread (see call_soon)
+        # (worker, fn): run by this thread (see call_soon)
+        self._soon: list[tuple[ProcessWorker, Callable[[], None]]] = []
         self._procs: dict[int, ProcessWorker] = {}  # started processes, by worker id
         self._closing = False
         self._wake_r, self._wake_w = os.pipe()
@@ -97,11 +98,20 @@ class Supervisor:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` in this thread, before it next waits (``fn`` handles its own errors)."""
+    def call_soon(self, w: ProcessWorker, fn: Callable[[], None]) -> None:
+        """Run ``fn``, work for ``w``, in this thread before it next waits, and before it
+        reaps ``w`` (``fn`` handles its own errors)."""
         with self._lock:
-            self._soon.append(fn)
+            self._soon.append((w, fn))
         self.poke()
+
+    def _run_soon(self, only: ProcessWorker | None = None) -> None:
+        """Run what ``call_soon`` queued (for ``only``, when given)."""
+        with self._lock:
+            run = [fn for w, fn in self._soon if only is None or w is only]
+            self._soon = [(w, fn) for w, fn in self._soon if only is not None and w is not only]
+        for fn in run:
+            fn()
 
     def in_thread(self) -> bool:
         return threading.current_thread() is self._thread
@@ -118,7 +128,7 @@ class Supervisor:
             except Exception as exc:
                 self._core.call_done(w, item, exc=exc)
 
-        self.call_soon(send)
+        self.call_soon(w, send)
 
     def poke(self) -> None:
         """Wake the thread: it recomputes what it waits on."""
@@ -139,12 +149,10 @@ class Supervisor:
         while True:
             with self._lock:
                 spawns, self._to_spawn = self._to_spawn, []
-                soon, self._soon = self._soon, []
                 closing = self._closing
             for w in spawns:
                 self._start(w)
-            for fn in soon:
-                fn()
+            self._run_soon()
             with self._lock:
                 procs = list(self._procs.values())
                 if closing and not procs and not self._to_spawn and not self._soon:
@@ -289,7 +297,7 @@ class Supervisor:
             # on the pipe: take them now, so that the pipe holds nothing more for the loop.
             self._receive_segments(w, msg)
             ok = msg._replace(new=())
-            self.call_soon(lambda: self._on_reply_locked(w, ok))
+            self.call_soon(w, lambda: self._on_reply_locked(w, ok))
             return True
         else:
             self._on_reply(w, msg)
@@ -387,6 +395,10 @@ class Supervisor:
         with self._lock:
             self._procs.pop(w.wid, None)
         with w.read_lock:
+            # A reply its task's loop read and handed here (under this lock) ends its call
+            # with the result, before the worker is reaped; a call handed here to send is
+            # sent into the dead pipe, and fails below.
+            self._run_soon(only=w)
             w.conn = None
             watch = w.watch
             if watch is None or watch.loop.is_closed():
