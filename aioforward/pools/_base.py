@@ -160,9 +160,12 @@ class _Timer:
             self._cv.notify()
         return entry
 
-    def cancel(self, entry: list[Any]) -> None:
-        """Forget ``entry`` (and what its function holds). The heap is rebuilt once most of
-        it is cancelled, so that calls with long timeouts that ended do not pile up in it."""
+    def cancel(self, entry: list[Any] | None) -> None:
+        """Forget ``entry`` (and what its function holds; None: nothing to do). The heap is
+        rebuilt once most of it is cancelled, so that calls with long timeouts that ended do
+        not pile up in it."""
+        if entry is None:
+            return
         with self._cv:
             if entry[2] is None or self._stopped:
                 return
@@ -415,8 +418,7 @@ class PoolCore:
         nxt: WorkItem | None = None
         stop = False
         starts: list[Worker] = []
-        if item.timer is not None:
-            self._timer.cancel(item.timer)
+        self._timer.cancel(item.timer)
         with self._lock:
             if w.item is not item:
                 return  # the worker was lost meanwhile, and worker_lost ended the call
@@ -513,8 +515,7 @@ class PoolCore:
                         self._timer.call_at(time.monotonic() + delay, self._refill)
             self._changed.notify_all()
         if item is not None:
-            if item.timer is not None:
-                self._timer.cancel(item.timer)
+            self._timer.cancel(item.timer)
             _complete(item.future, None, item_error or err or RuntimeError("worker lost"))
             item.release_inputs()
         for q in failed_queue:

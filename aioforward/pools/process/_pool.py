@@ -131,21 +131,24 @@ class ProcessWorker(Worker):
         with self.read_lock:
             self.reader = None
             poke = not self.watched
-        supervisor = self.backend.supervisor
-        assert supervisor is not None
-        if self._copies_large(item, supervisor):
-            supervisor.send_later(self, item)  # it waits on the pipe once it has sent
-            return
+        if self._sent_later(item):
+            return  # the supervisor waits on the pipe once it has sent
         self.backend.send_call(self, item)
         if poke:  # the supervisor must wait on the pipe for this reply
-            supervisor.poke()
+            assert self.backend.supervisor is not None
+            self.backend.supervisor.poke()
 
-    def _copies_large(self, item: WorkItem, supervisor: Supervisor) -> bool:
-        """Whether sending ``item`` copies ``LOOP_COPY_MAX`` bytes or more into shared memory:
-        the supervisor's thread then sends it, so that the calling thread, usually an event
-        loop's, does not copy them."""
+    def _sent_later(self, item: WorkItem) -> bool:
+        """Hand ``item`` to the supervisor's thread to send when sending it copies
+        ``LOOP_COPY_MAX`` bytes or more into shared memory, so that the calling thread,
+        usually an event loop's, does not copy them; return whether it did."""
         box = item.payload[3]
-        return box is not None and box.big_bytes() >= LOOP_COPY_MAX and not supervisor.in_thread()
+        supervisor = self.backend.supervisor
+        assert supervisor is not None
+        if box is None or box.big_bytes() < LOOP_COPY_MAX or supervisor.in_thread():
+            return False
+        supervisor.send_later(self, item)
+        return True
 
     def run_awaited(self, item: WorkItem, loop: Any) -> Any:
         """Send ``item`` for a task that awaits it at once in the asyncio ``loop``: that loop
@@ -159,11 +162,8 @@ class ProcessWorker(Worker):
         token = object()
         with self.read_lock:
             self.reader = token
-        supervisor = self.backend.supervisor
-        assert supervisor is not None
-        if self._copies_large(item, supervisor):
-            supervisor.send_later(self, item)  # the loop still reads the reply
-            return functools.partial(self._read_reply, token)
+        if self._sent_later(item):
+            return functools.partial(self._read_reply, token)  # the loop still reads it
         try:
             self.backend.send_call(self, item)
         except BaseException:
