@@ -241,16 +241,14 @@ class _Wakeups:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._ident = threading.get_ident()  # made in the loop's thread (see _wakeups)
         self._lock = threading.Lock()
         self._pending: list[asyncio.Future[None]] = []
         self._scheduled = False
 
     def wake(self, waiter: asyncio.Future[None]) -> None:
         """Any thread: ``waiter`` is to be set on the loop."""
-        if threading.get_ident() == self._ident:
-            if not self.loop.is_closed():
-                _set_waiter(waiter)
+        if asyncio._get_running_loop() is self.loop:  # not the thread that made us: a loop
+            _set_waiter(waiter)  # stopped in one thread may run on in another
             return
         with self._lock:
             self._pending.append(waiter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 
@@ -78,6 +79,33 @@ async def test_timeout_raises_builtin_timeout_error() -> None:
             await pool.forward(other, torch.zeros(1), timeout=0.05)
         assert other.calls == 0
         gate.release.set()
+
+
+async def test_a_queued_call_cancelled_as_it_times_out_counts_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller cancels a queued call just as its deadline passes, and the cancel wins: the
+    call counts as cancelled, not also as failed."""
+    from aioforward.pools import _base
+
+    complete = _base._complete
+
+    def cancelled_first(fut: af.ForwardFuture[object], result: object, exc: object) -> bool:
+        if isinstance(exc, TimeoutError):
+            fut.cancel()  # the other thread gets there first
+        return complete(fut, result, exc)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_base, "_complete", cancelled_first)
+    gate = Gate()
+    async with af.ThreadPool(workers=1) as pool:
+        running = pool.submit(gate, torch.zeros(1))
+        queued = pool.submit_call(af.call(Tiny(), torch.zeros(1, 10)), timeout=0.05)
+        with pytest.raises(concurrent.futures.CancelledError):
+            await queued
+        gate.release.set()
+        await running
+        s = pool.stats()
+        assert (s.completed, s.failed, s.cancelled, s.queued) == (1, 0, 1, 0)
 
 
 async def test_a_result_does_not_live_as_long_as_its_timeout() -> None:
@@ -157,6 +185,43 @@ def test_close_fails_queued_calls() -> None:
     assert running.result().item() == 1
     with pytest.raises(af.PoolClosedError):
         queued.result()
+
+
+def test_a_loop_that_moved_thread_is_woken_from_its_old_one() -> None:
+    """A task starts awaiting a call on a loop run in this thread; the loop then runs on in
+    another thread, and this thread cancels the call: the task must wake at once (the
+    wake-up used to treat this thread as the loop's own, and the loop slept on)."""
+    gate = Gate()
+    with af.ThreadPool(workers=1) as pool:
+        loop = asyncio.new_event_loop()
+        fut = pool.submit(gate, torch.zeros(1))
+
+        async def waiting() -> None:
+            await fut
+
+        async def start() -> asyncio.Task[None]:
+            task = asyncio.ensure_future(waiting())
+            await asyncio.sleep(0.05)  # the task now waits on the call
+            return task
+
+        task = loop.run_until_complete(start())
+        ended: list[float] = []
+
+        def run_on() -> None:
+            t0 = time.monotonic()
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(asyncio.wait_for(task, 5))
+            ended.append(time.monotonic() - t0)
+
+        other = threading.Thread(target=run_on)
+        other.start()
+        time.sleep(0.2)  # the loop sleeps in the other thread
+        fut.cancel()
+        other.join(10)
+        gate.release.set()
+        loop.close()
+    assert task.cancelled() or isinstance(task.exception(), concurrent.futures.CancelledError)
+    assert ended and ended[0] < 2, ended
 
 
 def test_one_pool_serves_successive_loops_and_threads() -> None:

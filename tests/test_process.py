@@ -269,6 +269,36 @@ async def test_s16_hung_module_timeout_kills_and_replaces(pool: af.ProcessPool) 
     assert set(pool.worker_pids()) != before
 
 
+async def test_a_kill_that_lands_after_the_reply_spares_the_next_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A timed-out call overruns its grace and the pool decides to kill its worker, but the
+    reply comes in before the kill lands: that worker takes no next call (the kill used to
+    fail the queued call that went to it), and the queued call runs on the replacement."""
+    from aioforward.pools.process._pool import ProcessWorker
+
+    def late_kill(self: ProcessWorker, item: Any) -> bool:  # interrupt(), preempted
+        proc = self.proc
+        if self.item is not item or proc is None:
+            return False
+        deadline = time.monotonic() + 10
+        while self.item is item and time.monotonic() < deadline:
+            time.sleep(0.01)  # the reply comes in meanwhile
+        proc.kill()
+        return True
+
+    monkeypatch.setattr(ProcessWorker, "interrupt", late_kill)
+    with af.ProcessPool(workers=1, cancel_grace=0.1) as pool:
+        first = await pool.forward(M.Pid())
+        slow = pool.submit_call(af.call(M.Sleep(0.6)), timeout=0.1)
+        queued = pool.submit_call(af.call(M.Sleep(0.3)))  # returns its worker's pid
+        with pytest.raises(TimeoutError):
+            await slow
+        with anyio.fail_after(30):
+            assert int(await queued) != first
+        assert pool.stats().overran == 1 and pool.stats().failed == 1
+
+
 async def test_s17_kill_on_cancel() -> None:
     with af.ProcessPool(workers=1, kill_on_cancel=True) as pool:
         first = await pool.forward(M.Pid())

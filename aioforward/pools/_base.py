@@ -431,7 +431,7 @@ class PoolCore:
                     self._add_transfer(item.transfer_s)
                 else:
                     self._failed += 1
-            if retire and w in self._all:
+            if (retire or item.interrupted) and w in self._all:
                 self._all.discard(w)
                 self._ready -= 1
                 self._stop_locked(w)
@@ -571,16 +571,14 @@ class PoolCore:
                     self._queue.remove(item)
                 except ValueError:
                     return
-                self._failed += 1
                 self._changed.notify_all()
             w = item.worker
         if not _complete(
             item.future, None, TimeoutError(f"{item.name} did not finish within its timeout")
         ):
-            return
-        if not queued:
-            with self._lock:
-                self._failed += 1  # its end will be discarded, not counted again
+            return  # cancelled meanwhile: counted as such
+        with self._lock:
+            self._failed += 1  # a running call's end will be discarded, not counted again
         if queued:
             item.release_inputs()
             self._maybe_closed()
@@ -604,6 +602,9 @@ class PoolCore:
             if w.item is not item:
                 return  # it stopped in time
             self._overran += 1
+            # Its reply may come in before the kill lands: the worker then takes no next call
+            # (call_done retires it), or the kill would fail that call instead.
+            item.interrupted = kill and w.interruptible
         if kill:
             w.interrupt(item)
 
@@ -657,6 +658,8 @@ class PoolCore:
                     self._queue.clear()
                 if queued is _Queued.FAIL:  # close(): nobody waits for abandoned calls
                     abandoned = [(w, w.item) for w in self._all if w.item and w.item.future.done()]
+                    for w, item in abandoned:
+                        item.interrupted = w.interruptible  # as in _overrun
                 if not self._queue:
                     # idle workers stop now; busy ones when their call ends; starting ones too
                     to_stop = [w for w in self._all if w.item is None]

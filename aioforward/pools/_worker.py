@@ -46,6 +46,7 @@ class WorkItem:
         "compute_s",
         "deadline",
         "future",
+        "interrupted",
         "payload",
         "seq",
         "started",
@@ -75,6 +76,7 @@ class WorkItem:
         self.worker: Worker | None = None
         self.stream = stream  # where a streaming call's items go
         self.cancel_requested = False  # read by the cancellation checks (aioforward._cancel)
+        self.interrupted = False  # the core decided to interrupt it: its worker takes no more
         self.t_submit = time.perf_counter()
         self.t_start = 0.0
         self.compute_s = 0.0
@@ -105,6 +107,7 @@ class Worker(abc.ABC):
     """
 
     pid: int | None = None
+    interruptible = False  # interrupt() can stop a running call (a process can be killed)
 
     def __init__(self) -> None:
         self.item: WorkItem | None = None

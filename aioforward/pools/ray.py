@@ -272,6 +272,8 @@ def _why(e: BaseException) -> str:
 class _RayWorker(Worker):
     """One actor."""
 
+    interruptible = True
+
     def __init__(self, backend: _RayBackend, core: PoolCore) -> None:
         super().__init__()
         self._backend = backend

@@ -89,6 +89,8 @@ MAIN_GUARD_HELP = (
 class ProcessWorker(Worker):
     """The parent's handle on one worker process."""
 
+    interruptible = True
+
     def __init__(self, backend: ProcessBackend, wid: int) -> None:
         super().__init__()
         self.backend = backend
