@@ -130,7 +130,7 @@ async def forward(
     released, see :class:`~aioforward.ForwardFuture`).
     """
     check_module(module, "module")
-    return await resolve_pool(pool).submit_call(Call(module, args, kwargs), timeout=timeout)
+    return await resolve_pool(pool)._call(Call(module, args, kwargs), timeout)
 
 
 def stream(
@@ -197,9 +197,7 @@ class AsyncModule:
         self.pool = pool
 
     async def __call__(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        return await resolve_pool(self.pool).submit_call(
-            Call(self.module, args, kwargs), timeout=timeout
-        )
+        return await resolve_pool(self.pool)._call(Call(self.module, args, kwargs), timeout)
 
     def __repr__(self) -> str:
         return f"AsyncModule({self.module!r})"

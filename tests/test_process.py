@@ -545,11 +545,13 @@ async def test_awaiting_task_reads_its_reply_on_asyncio(
     for _ in range(3):
         (y,), _ = await shared.forward(M.Echo(), x)
         assert torch.equal(y, x)
+    assert (await af.forward(M.Echo(), x, pool=shared))[0][0] is not None  # the same path
+    assert (await af.AsyncModule(M.Echo(), pool=shared)(x))[0][0] is not None
     assert torch.equal(shared.submit(M.Echo(), x).result(30)[0][0], x)
     me = threading.current_thread().name
     expected = me if anyio_backend[0] == "asyncio" else "aioforward-shared-supervisor"
-    assert readers[:3] == [expected] * 3
-    assert readers[3] == "aioforward-shared-supervisor"
+    assert readers[:5] == [expected] * 5
+    assert readers[5] == "aioforward-shared-supervisor"
 
 
 async def test_large_tensors_are_copied_off_the_event_loop(
@@ -592,6 +594,42 @@ async def test_large_tensors_are_copied_off_the_event_loop(
             elif what == "in":
                 assert thread == me, (what, thread, nbytes)
             # a small result is read by the awaiting loop on asyncio, else by the supervisor
+
+
+async def test_a_modules_first_awaited_call_ships_it_off_the_event_loop(
+    shared: af.ProcessPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module's first call copies its weights into shared memory, which froze the loop for
+    140 ms with a 200 MB module here: every awaited entry point ships it in a worker thread
+    first, and raises what shipping raises there. A sync submit ships in its own thread."""
+    from aioforward.pools.process import _transport as tr
+
+    shipped_in: list[threading.Thread] = []
+    ship_module = tr.ship_module
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        shipped_in.append(threading.current_thread())
+        return ship_module(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "ship_module", record)
+    me, x = threading.current_thread(), torch.zeros(1, 10)
+    m = [M.Tiny() for _ in range(8)]
+    await shared.forward(m[0], x)
+    await shared.run_parallel(m[1], m[2], x)
+    await af.forward(m[3], x, pool=shared)
+    await af.AsyncModule(m[4], pool=shared)(x)
+    await shared.warmup(m[5])
+    await shared.warmup(m[6], example=x)
+    await shared.forward(m[0], x)  # shipped once
+    assert len(shipped_in) == 7 and me not in shipped_in, shipped_in
+    await shared.submit(m[7], x)
+    assert shipped_in[-1] is me
+    bad = M.Tiny()
+    bad.hook = lambda: None  # type: ignore[assignment]
+    with pytest.raises(af.SerializationError, match=r"attribute hook \(function\)"):
+        await shared.forward(bad, x)
+    assert shipped_in[-1] is not me
+    assert (await shared.forward(m[0], x)).shape == (1, 5)
 
 
 async def test_a_large_reply_handed_over_survives_its_worker_dying(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,25 @@ async def test_results_equal_direct_calls_and_structures(pool: af.RayPool) -> No
     spec = af.ModuleSpec(M.build_tiny, 1)
     assert (await pool.forward(spec, torch.zeros(1, 10))).shape == (1, 5)
     assert pool.stats().compute.p50 > 0
+
+
+async def test_a_modules_first_awaited_call_puts_it_off_the_event_loop(
+    pool: af.RayPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ray.put`` of a module serialises its weights: the awaited API does it in a worker
+    thread, not in the event loop's."""
+    put_in: list[str] = []
+    put = ray.put
+
+    def record(*args: object, **kwargs: object) -> object:
+        put_in.append(threading.current_thread().name)
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "put", record)
+    me, x = threading.current_thread().name, torch.zeros(1, 10)
+    await pool.forward(M.Tiny(), x)
+    await pool.run_parallel(M.Tiny(), M.Tiny(), x)
+    assert len(put_in) == 3 and me not in put_in, put_in
 
 
 async def test_exception_keeps_type_with_actor_traceback(pool: af.RayPool) -> None:

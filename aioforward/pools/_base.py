@@ -124,10 +124,18 @@ class Backend(abc.ABC):
         after close: restore per-thread settings such as torch's thread count, which
         OpenMP keeps per thread (a worker thread is the wrong place to restore it)."""
 
-    def load(self, modules: tuple[torch.nn.Module | ModuleSpec, ...]) -> None:
-        """Load modules without running them (``warmup`` without an example)."""
+    def load(self, modules: tuple[Any, ...]) -> None:
+        """Load modules without running them (``warmup``, and the async API before a
+        module's first call: see :meth:`unshipped`). Runs in a worker thread."""
         for m in modules:
             self.prepare(Call(m, (), {}))
+
+    def unshipped(self, fn: Any) -> bool:
+        """Whether a call of ``fn`` would first ship it (copy a module and its weights to
+        where the workers read them). The async API then ships it in a worker thread
+        (:meth:`load`) before it submits: that copy took half a second for BERT-base here,
+        and must not freeze the event loop. Asked on every awaited call: keep it cheap."""
+        return False
 
     def reload(self, module: torch.nn.Module) -> None:  # noqa: B027 - optional hook
         """Ship ``module`` again where workers hold copies (threads share it: nothing to do)."""
@@ -303,6 +311,22 @@ class PoolCore:
             else:
                 self._run(worker, item)
         return fut
+
+    async def call(self, c: Call, timeout: float | None) -> Any:
+        """Run ``c`` for a task that awaits it at once (``forward``, ``aioforward.forward``,
+        ``AsyncModule``): a module's first call ships it off the event loop first."""
+        if self.backend.unshipped(c.module):
+            await self.ship((c.module,))
+        return await self.submit(c, timeout, awaited=True)
+
+    async def ship(self, fns: Iterable[Any]) -> None:
+        """Ship those of ``fns`` the backend has not shipped yet, in a worker thread (see
+        ``Backend.unshipped``); raise what shipping raises (``SerializationError``)."""
+        backend = self.backend
+        todo = tuple(fn for fn in fns if backend.unshipped(fn))
+        if todo:
+            self._check_open()
+            await anyio.to_thread.run_sync(backend.load, todo)
 
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
@@ -848,7 +872,14 @@ class Pool(concurrent.futures.Executor, abc.ABC):
             logits = await pool.forward(model, input_ids, attention_mask=mask, timeout=5)
         """
         check_module(module, "module")
-        return await self._core.submit(Call(module, args, kwargs), timeout, awaited=True)
+        core = self._core  # core.call(), inlined: this is the per-call path
+        if core.backend.unshipped(module):
+            await core.ship((module,))
+        return await core.submit(Call(module, args, kwargs), timeout, awaited=True)
+
+    async def _call(self, c: Call, timeout: float | None) -> Any:
+        """:meth:`forward` of a :func:`aioforward.call` (for the module-level API)."""
+        return await self._core.call(c, timeout)
 
     async def run_parallel(
         self, *modules_and_args: Any, timeout: float | None = None, **kwargs: Any
@@ -945,9 +976,10 @@ class Pool(concurrent.futures.Executor, abc.ABC):
         for i, m in enumerate(modules):
             check_module(m, f"modules[{i}]")
         await self.wait_ready()
-        if example is None:
-            self._core.backend.load(modules)
+        if example is None:  # in a worker thread: shipping or building a module takes time
+            await anyio.to_thread.run_sync(self._core.backend.load, modules)
             return
+        await self._core.ship(modules)
         args = example if isinstance(example, tuple) else (example,)
         futs: list[ForwardFuture[Any]] = []
         labels: list[str] = []
@@ -1095,6 +1127,7 @@ def parse_parallel(items: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Call]
 
 async def run_calls(pool: Pool, calls: list[Call], timeout: float | None) -> tuple[Any, ...]:
     """Submit every call, then wait for all; a failed submit cancels those already submitted."""
+    await pool._core.ship(c.module for c in calls)  # first calls: off the event loop
     futures: list[ForwardFuture[Any]] = []
     try:
         for c in calls:

@@ -496,6 +496,14 @@ class _RayBackend(Backend):
         self._core = core
         return _RayWorker(self, core)
 
+    def unshipped(self, fn: Any) -> bool:
+        owner = getattr(fn, "__self__", None)
+        module = owner if isinstance(owner, torch.nn.Module) else fn
+        if not isinstance(module, torch.nn.Module):
+            return False
+        hit = self._refs.get(id(module))  # without the lock: a dict read is atomic
+        return hit is None or hit[0]() is not module
+
     def prepare(self, c: Call) -> Any:
         module, method = c.module, None
         owner = getattr(module, "__self__", None)

@@ -515,6 +515,9 @@ class ProcessBackend(Backend):
             self._room_checked = need
         return (key, head, body, box)
 
+    def unshipped(self, fn: Any) -> bool:
+        return self.shipper.unshipped(fn)
+
     def send_call(self, w: ProcessWorker, item: WorkItem) -> None:
         """Copy ``item``'s inputs into ``w``'s request segment and send it (one call at a time
         per worker, so no lock: the core reserved ``w`` for ``item``)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..._call import ModuleSpec
-from ...errors import SerializationError
+from ...errors import PoolClosedError, SerializationError
 from . import _transport as tr
 from ._messages import Load
 
@@ -46,6 +46,7 @@ class ModuleShipper:
         self._versions = itertools.count()
         self._ship_lock = threading.Lock()  # held while a module is shipped (see _ship)
         self._workers: Callable[[], Iterable[ProcessWorker]] = tuple
+        self._closed = False
 
     def watch(self, workers: Callable[[], Iterable[ProcessWorker]]) -> None:
         """Where to find the live workers when a module is released."""
@@ -61,11 +62,20 @@ class ModuleShipper:
             with self._lock:
                 self._specs[id(fn)] = fn
             return skey, ("spec", skey, fn)
-        owner = getattr(fn, "__self__", None)
-        if isinstance(owner, torch.nn.Module) and getattr(owner, fn.__name__, None) == fn:
+        owner = _owner(fn)
+        if owner is not None:
             key = self._ship(owner)  # a method of a module: ship the module once
             return key, ("meth", key, fn.__name__)
         return None, ("fn", fn)
+
+    def unshipped(self, fn: Any) -> bool:
+        """Whether :meth:`reference` would ship ``fn`` (a module, or a module's method) now.
+        Without the lock: it runs for every awaited call, and a dict read is atomic."""
+        module = fn if isinstance(fn, torch.nn.Module) else _owner(fn)
+        if module is None:
+            return False
+        hit = self._shipped.get(id(module))
+        return hit is None or hit[0]() is not module
 
     def _shipped_key(self, module: torch.nn.Module) -> ModuleKey | None:
         """The key of ``module``'s current shipped version, if any."""
@@ -112,6 +122,11 @@ class ModuleShipper:
             self._release(mid, version)
 
         with self._lock:
+            if self._closed:  # the pool closed while this thread shipped it
+                shipped.release()
+                raise PoolClosedError(
+                    f"the pool was closed while {type(module).__name__} was shipped to it"
+                )
             old = self._shipped.get(mid)
             self._shipped[mid] = (weakref.ref(module, forget), version, shipped)
         if old is not None:
@@ -161,8 +176,17 @@ class ModuleShipper:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             shipped = [e[2] for e in self._shipped.values()]
             self._shipped.clear()
             self._specs.clear()
         for s in shipped:
             s.release()
+
+
+def _owner(fn: Any) -> torch.nn.Module | None:
+    """The module whose method ``fn`` is (looked up by its name), else None."""
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, torch.nn.Module) and getattr(owner, fn.__name__, None) == fn:
+        return owner
+    return None
