@@ -329,6 +329,41 @@ def test_importing_aioforward_loads_neither_ray_nor_the_cuda_pool() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_anyio_backend_is_imported_with_aioforward_not_in_the_loop() -> None:
+    """anyio imports its backend on first use, in the event loop's thread (a pool's first
+    start froze the loop for 45-53 ms here): aioforward imports it before any loop runs."""
+    import subprocess
+
+    for code in (
+        "import sys, aioforward\n"
+        "assert 'anyio._backends._asyncio' in sys.modules\n"
+        "assert 'anyio._backends._trio' not in sys.modules  # this program does not use trio\n",
+        "import sys, trio, aioforward\nassert 'anyio._backends._trio' in sys.modules\n",
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def test_raypool_without_ray_says_which_extra_to_install() -> None:
+    """Without Ray, and so without numpy (which only Ray brings), ``RayPool`` names the extra
+    to install; it used to fail importing numpy before it got there."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "sys.modules['ray'] = sys.modules['numpy'] = None  # neither is installed\n"
+        "import aioforward as af\n"
+        "try:\n"
+        "    af.RayPool(workers=1)\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install 'aioforward[ray]'" in done.stdout, done.stdout + done.stderr
+
+
 def test_no_import_cycles_between_modules() -> None:
     """Import every module on its own in a fresh interpreter: a cycle fails one of them."""
     import subprocess

@@ -47,7 +47,6 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 import torch
 
 from .._call import Call, ModuleSpec
@@ -65,6 +64,8 @@ from ._worker import Worker
 
 if TYPE_CHECKING:
     import concurrent.futures
+
+    import numpy as np  # at run time only where Ray is, which requires it
 
     from ._base import PoolCore
     from ._worker import WorkItem
@@ -166,6 +167,8 @@ class _Unpickler(pickle.Unpickler):
         i, dtype, shape = pid
         a = self.arrays[i]
         if not a.flags.writeable:
+            import numpy as np  # Ray requires numpy: it is there whenever this runs
+
             a = np.asarray(_Writable(a))
         return torch.from_numpy(a).view(dtype).reshape(shape)
 
