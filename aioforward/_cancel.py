@@ -121,6 +121,10 @@ _CHECKED: dict[type[nn.Module], type[nn.Module]] = {
     nn.Sequential: _CheckedSequential,
 }
 _ORIGINAL = {v: k for k, v in _CHECKED.items()}
+for _checked, _original in _ORIGINAL.items():
+    # The checks are invisible: a checked module's repr, and the errors that name it
+    # ("Sequential did not finish within its timeout"), keep the original class name.
+    _checked.__name__ = _checked.__qualname__ = _original.__name__
 
 
 def stacks(module: torch.nn.Module) -> list[torch.nn.Module]:

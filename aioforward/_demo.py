@@ -236,7 +236,7 @@ def run_demo(rounds: int = 8, *, plain: bool | None = None) -> int:
     out = _output(plain)
     out.header(
         "aioforward demo: an MLP (4 x Linear 1024, batch 256) and a conv net "
-        f"(8x3x128x128), {rounds} rounds each, on {usable_cpus()} CPUs"
+        f"(8x3x128x128), {rounds} round{'s' if rounds != 1 else ''} each, on {usable_cpus()} CPUs"
     )
     keep_freed_memory()  # as the README advises for a conv net, and as the workers have it
     results = anyio.run(_demo, rounds, out)

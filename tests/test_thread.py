@@ -7,7 +7,7 @@ import torch
 
 import aioforward as af
 
-from .models import Tiny
+from .models import Block, Tiny
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +84,14 @@ def test_keep_freed_memory_keeps_freed_blocks() -> None:
         for mode in ("default", "keep")
     }
     assert grown["default"] < 50 and grown["keep"] > 150, grown
+
+
+async def test_a_checked_stack_keeps_its_name() -> None:
+    """The cancellation checks swap a stack's class while the pool holds it: its repr and the
+    errors that name it keep the user's class name (a timeout used to say
+    ``_CheckedSequential did not finish within its timeout``)."""
+    stack = torch.nn.Sequential(*[Block(i, 0.05, None) for i in range(10)])
+    async with af.ThreadPool(workers=1, cancel_grace=5) as pool:
+        with pytest.raises(TimeoutError, match=r"^Sequential did not finish"):
+            await pool.forward(stack, torch.zeros(1, 8), timeout=0.1)
+        assert type(stack).__name__ == "Sequential" and repr(stack).startswith("Sequential(")

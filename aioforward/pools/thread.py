@@ -302,9 +302,9 @@ class ThreadPool(Pool):
         cpus = usable_cpus()
         workers = cpus if workers is None else workers
         check_int("workers", workers, 1)
+        check_int("threads_per_worker", threads_per_worker, 0, optional=True)
         if threads_per_worker is None:
             threads_per_worker = max(1, cpus // workers)
-        check_int("threads_per_worker", threads_per_worker, 0)
         check_bool("grad", grad)
         check_bool("cancel_checks", cancel_checks)
         check_number("cancel_grace", cancel_grace)

@@ -79,7 +79,8 @@ _pool_ids = itertools.count()
 WORKER_ENV = "AIOFORWARD_WORKER"  # set in a worker's environment: its bootstrap can tell
 
 MAIN_GUARD_HELP = (
-    "the main module started a pool while a worker process was importing it. Worker "
+    "the main module (or a module it imports) started a pool while a worker process was "
+    "importing it. Worker "
     "processes are spawned, and each one imports your main module: create and use pools "
     'under `if __name__ == "__main__":` (or inside a function that it calls), never at the '
     "top level of a script"
