@@ -93,6 +93,19 @@ def check_module(module: object, argname: str) -> None:
         )
 
 
+def method_owner(fn: object) -> torch.nn.Module | None:
+    """The module whose method ``fn`` is (found on it by name), else None: a process or Ray
+    pool ships that module once and calls the method on its copy.
+
+    Example: ``method_owner(model.generate) is model``.
+    """
+    owner = getattr(fn, "__self__", None)
+    name = getattr(fn, "__name__", None)
+    if isinstance(owner, torch.nn.Module) and name and getattr(owner, name, None) == fn:
+        return owner
+    return None
+
+
 def module_name(module: object) -> str:
     if isinstance(module, ModuleSpec):
         return repr(module)

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from .._call import Call, ModuleSpec
+from .._call import Call, ModuleSpec, method_owner
 from .._stream import iter_of
 from .._validate import check_int, check_number
 from ..errors import (
@@ -500,19 +500,17 @@ class _RayBackend(Backend):
         return _RayWorker(self, core)
 
     def unshipped(self, fn: Any) -> bool:
-        owner = getattr(fn, "__self__", None)
-        module = owner if isinstance(owner, torch.nn.Module) else fn
-        if not isinstance(module, torch.nn.Module):
+        module = fn if isinstance(fn, torch.nn.Module) else method_owner(fn)
+        if module is None:
             return False
         hit = self._refs.get(id(module))  # without the lock: a dict read is atomic
         return hit is None or hit[0]() is not module
 
     def prepare(self, c: Call) -> Any:
         module, method = c.module, None
-        owner = getattr(module, "__self__", None)
-        name = getattr(module, "__name__", "")
-        if isinstance(owner, torch.nn.Module) and getattr(owner, name, None) == module:
-            module, method = owner, name  # a method of a module: ship it once
+        owner = method_owner(module)
+        if owner is not None:
+            module, method = owner, module.__name__  # a method of a module: ship it once
         try:
             args, kwargs = _pack(c.args), _pack(c.kwargs)
         except Exception as exc:

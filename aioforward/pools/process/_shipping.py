@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..._call import ModuleSpec
+from ..._call import ModuleSpec, method_owner
 from ...errors import PoolClosedError, SerializationError
 from . import _transport as tr
 from ._messages import Load
@@ -62,7 +62,7 @@ class ModuleShipper:
             with self._lock:
                 self._specs[id(fn)] = fn
             return skey, ("spec", skey, fn)
-        owner = _owner(fn)
+        owner = method_owner(fn)
         if owner is not None:
             key = self._ship(owner)  # a method of a module: ship the module once
             return key, ("meth", key, fn.__name__)
@@ -71,7 +71,7 @@ class ModuleShipper:
     def unshipped(self, fn: Any) -> bool:
         """Whether :meth:`reference` would ship ``fn`` (a module, or a module's method) now.
         Without the lock: it runs for every awaited call, and a dict read is atomic."""
-        module = fn if isinstance(fn, torch.nn.Module) else _owner(fn)
+        module = fn if isinstance(fn, torch.nn.Module) else method_owner(fn)
         if module is None:
             return False
         hit = self._shipped.get(id(module))
@@ -182,11 +182,3 @@ class ModuleShipper:
             self._specs.clear()
         for s in shipped:
             s.release()
-
-
-def _owner(fn: Any) -> torch.nn.Module | None:
-    """The module whose method ``fn`` is (looked up by its name), else None."""
-    owner = getattr(fn, "__self__", None)
-    if isinstance(owner, torch.nn.Module) and getattr(owner, fn.__name__, None) == fn:
-        return owner
-    return None
