@@ -23,7 +23,7 @@ import pytest
 from aioforward import _demo
 from aioforward.__main__ import build_parser
 from aioforward.bench import _cli, _report
-from aioforward.bench._measure import Run, Skip
+from aioforward.bench._measure import Run, Skip, interleaved
 from aioforward.bench._scenarios import NAMES, SMOKE, ray_actors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +45,8 @@ FIGURES = {
     "seed": ["asyncio/tiny/seed-process-per-call"],
     **{
         f"parallel-{kind}": [
+            f"{kind}/bare-two-processes",
+            f"{kind}/bare-two-threads",
             f"{kind}/serial-1-thread",
             f"{kind}/direct-default-threads",
             f"{kind}/ThreadPool",
@@ -156,6 +158,24 @@ def test_every_scenario_runs(tmp_path: Path, only: tuple[str, ...]) -> None:
     proc = bench("--smoke", "--only", *only, "--out", "out", cwd=tmp_path, timeout=40)
     assert proc.returncode == 0, proc.stderr
     check_report(tmp_path / "out", only)
+
+
+def test_interleaved_variants_each_follow_every_other() -> None:
+    """What a variant leaves behind (an OpenMP team still spinning, caches it filled) must not
+    always land on the same neighbour: each round starts one variant further on."""
+    order: list[str] = []
+
+    def step(name: str) -> Any:
+        async def call() -> None:
+            order.append(name)
+
+        return call
+
+    asyncio.run(interleaved(Run("smoke"), {v: (step(v), 1) for v in "abc"}, 3))
+    assert sorted(order) == sorted("abc" * 4)  # a warm-up turn, then 3 timed turns
+    for v in "abc":
+        before = {order[i - 1] for i in range(1, len(order)) if order[i] == v}
+        assert before == set("abc") - {v}, (v, order)
 
 
 def test_skipped_scenario_says_why(tmp_path: Path) -> None:

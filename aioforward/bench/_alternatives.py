@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +166,57 @@ def limit_run(times: int, start_at: float = 0.0) -> tuple[float, float, int]:
         for _ in range(times):
             _pe_module(_limit_x)
     return t0, time.monotonic(), os.getpid()
+
+
+class BareThreads:
+    """Two plain threads of this process, each holding one module at one torch thread: the
+    limit of a thread pool's two modules at once here (what threads sharing one process
+    reach, against :func:`limit_run`'s separate processes). Not an aioforward pool: a
+    semaphore each way, nothing else.
+
+    Example: ``with BareThreads(m1, m2, x) as bt: seconds = bt.pair()``.
+    """
+
+    def __init__(self, m1: torch.nn.Module, m2: torch.nn.Module, x: torch.Tensor) -> None:
+        self._go = [threading.Semaphore(0), threading.Semaphore(0)]
+        self._done = threading.Semaphore(0)
+        self._stop = False
+        self._threads = [
+            threading.Thread(target=self._main, args=(m, go, x), daemon=True)
+            for m, go in zip((m1, m2), self._go, strict=True)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _main(self, module: torch.nn.Module, go: threading.Semaphore, x: torch.Tensor) -> None:
+        torch.set_num_threads(1)  # OpenMP's count is per thread
+        while True:
+            go.acquire()
+            if self._stop:
+                return
+            with torch.no_grad():
+                module(x)
+            self._done.release()
+
+    def pair(self) -> float:
+        """Run both modules at once; return the seconds until both ended (this thread
+        blocks meanwhile)."""
+        t0 = time.perf_counter()
+        for go in self._go:
+            go.release()
+        for _ in self._go:
+            self._done.acquire()
+        return time.perf_counter() - t0
+
+    def __enter__(self) -> BareThreads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        for go in self._go:
+            go.release()
+        for t in self._threads:
+            t.join()
 
 
 def _into_shared(kind: str, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -95,12 +95,17 @@ async def interleaved(
     """Time the variants round-robin (``block`` calls per turn, ``n`` turns), each at its
     torch thread count, after one warm-up turn each; record each variant's median, and the
     medians of the first, second and last third of its samples (``round1`` ... ``round3``).
+    Each round starts one variant further on, so that each follows each of the others alike:
+    what a variant leaves behind (a spinning OpenMP team, cold caches) does not always tax
+    the same neighbour.
 
     Example: ``await interleaved(run, {"a": (step_a, 1), "b": (step_b, 2)}, 15)``.
     """
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for warm in [True] + [False] * n:
-        for name, (step, threads) in variants.items():
+    order = list(variants.items())
+    for turn, warm in enumerate([True] + [False] * n):
+        shift = turn % len(order)
+        for name, (step, threads) in order[shift:] + order[:shift]:
             torch.set_num_threads(threads)
             for _ in range(block):
                 t0 = time.perf_counter()

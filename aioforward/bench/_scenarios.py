@@ -202,9 +202,12 @@ async def parallel(run: Run, kind: str) -> None:
     spawn = multiprocessing.get_context("spawn")
     async with ThreadPool(workers=2) as tp, ProcessPool(workers=2) as pp:
         await pp.warmup(m1, m2, example=x)
-        with concurrent.futures.ProcessPoolExecutor(
-            2, mp_context=spawn, initializer=alt.limit_init, initargs=(kind,)
-        ) as bare:
+        with (
+            concurrent.futures.ProcessPoolExecutor(
+                2, mp_context=spawn, initializer=alt.limit_init, initargs=(kind,)
+            ) as bare,
+            alt.BareThreads(m1, m2, x) as threads,
+        ):
             # Two bare single-threaded processes holding the module and its input: one runs
             # both calls, then each runs one at once. Their ratio is this machine's limit now.
             # Each times its own work from a common start, so the executor's hand-offs (about
@@ -230,6 +233,9 @@ async def parallel(run: Run, kind: str) -> None:
                 {
                     f"{kind}/bare-one-process": (lambda: bare_run(1, 2), 1),
                     f"{kind}/bare-two-processes": (lambda: bare_run(2, 1), 1),
+                    # the same with two plain threads of this process: what a thread pool
+                    # can reach here (threads share caches and memory; processes do not)
+                    f"{kind}/bare-two-threads": (lambda: _async(threads.pair), 1),
                     f"{kind}/serial-1-thread": (serial, 1),
                     f"{kind}/direct-default-threads": (serial, cpus),
                     f"{kind}/ThreadPool": (lambda: tp.run_parallel(m1, m2, x), 1),
