@@ -69,6 +69,8 @@ FIGURES = {
         "batch/ProcessPool/tasks-only",
         "batch/lone/Batcher",
         "batch/lone/forward",
+        "batch/limit/singles",
+        "batch/limit/one-batch",
     ],
 }
 

@@ -276,12 +276,20 @@ def _batching(r: Results) -> list[Target]:
         bt = r[f"batch/{pool}/Batcher"]["calls_per_s"]
         ub = r[f"batch/{pool}/unbatched"]["calls_per_s"]
         n = r[f"batch/{pool}/Batcher"].get("requests", 1000)
+        limit = ""
+        if "batch/limit/one-batch" in r:  # results of earlier releases lack it
+            size = r["batch/limit/one-batch"]["size"]
+            gain = _ratio(r, "batch/limit/singles", "batch/limit/one-batch")
+            limit = (
+                f"; this machine's own gain from batching: {gain:.1f}x, one batch of "
+                f"{size:.0f} against {size:.0f} single calls, direct"
+            )
         out.append(
             Target(
                 f"Batcher on {pool}: {n:,.0f} concurrent requests to mlp vs unbatched",
                 ">= 5x throughput",
                 f"{bt / ub:.1f}x ({bt:,.0f}/s vs {ub:,.0f}/s; mean batch "
-                f"{r[f'batch/{pool}/Batcher']['mean_batch']:.0f})",
+                f"{r[f'batch/{pool}/Batcher']['mean_batch']:.0f}{limit})",
                 bt / ub >= 5,
             )
         )

@@ -474,12 +474,31 @@ async def batching(run: Run) -> None:
     async def request_alone() -> None:  # a request's own task, suspended once, and no work
         await anyio.lowlevel.checkpoint()
 
+    # This machine's own gain from batching: 64 single-sample forward passes against one
+    # batch of 64, called directly at one torch thread, as each pool's worker computes. The
+    # Batcher's gain over unbatched calls can pass it only by the pools' per-call cost.
+    batch = 64  # the Batchers' max_batch_size
+    x_batch = torch.stack([x] * batch)
+
+    async def singles() -> None:
+        for _ in range(batch):
+            alt.direct(m, x)
+
+    await interleaved(
+        run,
+        {
+            "batch/limit/singles": (singles, 1),
+            "batch/limit/one-batch": (lambda: _async(alt.direct, m, x_batch), 1),
+        },
+        run.n(15, 5, 2),
+    )
+    run.results["batch/limit/one-batch"]["size"] = batch
     pools: list[tuple[str, Callable[[], Pool]]] = [
         ("ThreadPool", lambda: ThreadPool(workers=2)),
         ("ProcessPool", lambda: ProcessPool(workers=2)),
     ]
     for kind, make in pools:
-        async with make() as pool, Batcher(m, pool, max_batch_size=64) as b:
+        async with make() as pool, Batcher(m, pool, max_batch_size=batch) as b:
             await pool.warmup(m, example=x)
             variants: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
                 # the burst's own cost (its tasks), measured beside the others
