@@ -149,22 +149,24 @@ class EncodedException(NamedTuple):
     type_name: str
     text: str
     traceback: str
+    why: str = ""  # why it cannot be rebuilt, when it cannot
 
     def rebuild(self) -> BaseException:
         """The original exception (or a :class:`RemoteError`), with the worker's
         traceback as ``__cause__``."""
         cause = RemoteTraceback(self.traceback)
-        blob = self.blob
+        blob, why = self.blob, self.why
         if blob is not None:
             try:
                 exc = pickle.loads(blob)
-            except BaseException:
-                exc = None
+            except BaseException as e:
+                exc, why = None, f"rebuilding it here raised {type(e).__name__}: {e}"
             if isinstance(exc, BaseException):
                 exc.__cause__ = cause
                 return exc
         err = RemoteError(self.type_name, self.text, self.traceback)
         err.__cause__ = cause
+        add_note(err, f"{self.type_name} could not come back as itself: {why}")
         return err
 
 
@@ -175,12 +177,16 @@ def encode_exception(exc: BaseException) -> EncodedException:
     """
     tb = f"worker pid {os.getpid()}:\n{''.join(traceback.format_exception(exc))}"
     blob: bytes | None
+    why = ""
     try:
         blob = pickle.dumps(exc)
         pickle.loads(blob)  # many exceptions pickle but cannot be rebuilt: check here
-    except BaseException:
-        blob = None
-    return EncodedException(blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)
+    except BaseException as e:
+        blob, why = None, f"pickling it in the worker raised {type(e).__name__}: {e}"
+    module = type(exc).__module__
+    if module == "__mp_main__":  # a spawned worker's name for the program's main module
+        module = "__main__"
+    return EncodedException(blob, f"{module}.{type(exc).__qualname__}", str(exc), tb, why)
 
 
 def add_note(exc: BaseException, note: str) -> None:

@@ -140,6 +140,146 @@ def test_s33_exit_without_close_finishes_work_quietly(tmp_path: Path) -> None:
     assert shm_of(os.getpid()) == [] and not [n for n in os.listdir("/dev/shm") if "aiofwd" in n]
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("when", ["starting", "idle", "running"])
+def test_ctrl_c_stops_the_program_not_its_workers(tmp_path: Path, when: str) -> None:
+    """Ctrl-C in a terminal signals the whole process group. The workers ignore it, even
+    while they start (no traceback of theirs, no call failed with KeyboardInterrupt), and the
+    program exits at once: the calls still queued are cancelled and running ones stopped,
+    not run to the end as a normal exit does."""
+    path = script(
+        tmp_path,
+        """
+        import sys, time, aioforward as af
+        from tests import models as M
+
+        if __name__ == "__main__":
+            pool = af.ProcessPool(workers=2)
+            if sys.argv[1] == "starting":
+                first = pool.submit(M.Echo(), 0)  # starts the workers
+                print("go", flush=True)
+                first.result(60)
+            elif sys.argv[1] == "idle":
+                pool.submit(M.Echo(), 0).result(60)
+                print(" ".join(map(str, pool.worker_pids())), flush=True)
+                print("go", flush=True)
+                time.sleep(60)
+            else:
+                pool.submit(M.Echo(), 0).result(60)
+                print(" ".join(map(str, pool.worker_pids())), flush=True)
+                calls = [pool.submit(M.Sleep(0.5)) for _ in range(40)]  # 10 s of work
+                print("go", flush=True)
+                for f in calls:
+                    f.result()
+        """,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(path), when],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal gives a job
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    pids = []
+    line = proc.stdout.readline()
+    if when != "starting":
+        pids = [int(p) for p in line.split()]
+        line = proc.stdout.readline()
+        time.sleep(0.3)  # running: two calls running, 38 queued
+    assert line == "go\n"
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    assert proc.returncode in (-signal.SIGINT, 130), err
+    assert err.count("Traceback") == 1 and err.rstrip().endswith("KeyboardInterrupt"), err
+    assert "aioforward-process-worker" not in err  # no worker printed a traceback
+    assert "worker pid" not in err  # no call failed with the worker's KeyboardInterrupt
+    assert took < 5, f"{took:.1f} s to exit after Ctrl-C"
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+
+
+@pytest.mark.timeout(90)
+def test_what_workers_cannot_import_is_named_with_the_fix(tmp_path: Path) -> None:
+    """A class or function defined under the main guard exists in the parent only: a worker
+    imports the script without running that block. The call fails with SerializationError
+    saying so (not a bare AttributeError about ``__mp_main__``), the worker serves on, and an
+    exception class of the script arrives named as the user wrote it."""
+    path = script(
+        tmp_path,
+        """
+        import asyncio, torch, aioforward as af
+
+        class Custom(Exception):  # importable, but not rebuilt from its args
+            def __init__(self, a, b):
+                super().__init__(a)
+
+        class Raiser(torch.nn.Module):
+            def forward(self, x):
+                raise Custom("custom", 2)
+
+        if __name__ == "__main__":
+            class Net(torch.nn.Module):
+                def forward(self, x):
+                    return x + 1
+
+            def build():
+                return Net()
+
+            async def main():
+                async with af.ProcessPool(workers=1) as pool:
+                    for call in (
+                        lambda: pool.forward(Net(), torch.ones(1)),
+                        lambda: pool.forward(af.ModuleSpec(build), torch.ones(1)),
+                        lambda: pool.forward(Raiser(), torch.ones(1)),
+                    ):
+                        try:
+                            await call()
+                        except Exception as exc:
+                            print(type(exc).__name__, "|", exc)
+                    print("then", await pool.forward(torch.nn.Identity(), torch.ones(1)))
+
+            asyncio.run(main())
+        """,
+    )
+    done = run_script(path, timeout=80)
+    assert done.returncode == 0, done.stderr
+    net, spec, custom, then = done.stdout.splitlines()
+    for line, name in ((net, "Net"), (spec, "build")):
+        assert line.startswith("SerializationError | "), line
+        assert f"Can't get attribute '{name}'" in line and "not under that block" in line
+    assert custom == "RemoteError | __main__.Custom: custom"
+    assert then == "then tensor([1.])"
+
+
+@pytest.mark.timeout(60)
+def test_a_script_read_from_stdin_gets_one_clear_error(tmp_path: Path) -> None:
+    """Spawned workers import the main module from its file; a script piped to ``python -``
+    has none. One error at construction, instead of each worker's traceback."""
+    done = subprocess.run(
+        [sys.executable, "-"],
+        input="import aioforward as af\naf.ProcessPool(workers=2)\n",
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("Traceback") == 1, done.stderr
+    assert done.stderr.rstrip().endswith(
+        "RuntimeError: a ProcessPool cannot start workers here: the program's main module was "
+        "read from '<stdin>', not from a file, and each worker process imports the main module "
+        "from its file; save the script to a file and run that (or use a ThreadPool)"
+    ), done.stderr
+
+
 def test_s33_sigterm_to_a_server_with_an_open_pool(tmp_path: Path) -> None:
     """A server that exits on SIGTERM (as uvicorn does) with its pool never closed."""
     path = script(

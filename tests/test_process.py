@@ -85,6 +85,9 @@ async def test_s2_unpicklable_exception_becomes_remote_error(shared: af.ProcessP
         await shared.forward(M.RaiseUnpicklable())
     assert info.value.type_name == "tests.models.Unpicklable"
     assert "raise Unpicklable" in info.value.remote_traceback
+    if sys.version_info >= (3, 11):  # notes
+        (note,) = info.value.__notes__
+        assert note.startswith("tests.models.Unpicklable could not come back as itself: ")
     assert (await shared.forward(M.Pid())) in shared.worker_pids()
 
 

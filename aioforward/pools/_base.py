@@ -725,6 +725,22 @@ class PoolCore:
             self.backend.join(10)
             self._timer.stop(join=True)
 
+    def abort(self) -> None:
+        """Cancel every call, queued or running, and stop the workers without waiting for
+        those calls to end: a process worker running one is killed, a thread stops at its
+        next block boundary (the interpreter's exit after Ctrl-C). Whatever state the pool
+        is in: a ``shutdown`` that was finishing the queue is cut short."""
+        with self._lock:
+            queued = list(self._queue)
+            running = [(w, w.item) for w in self._all if w.item is not None]
+        for item in queued:
+            item.future.cancel()
+        for w, item in running:
+            item.future.cancel()
+            if item.future.done():  # cancelled now, or abandoned earlier (a timeout)
+                self._stop_running(w, item, kill=True, now=True)
+        self.shutdown(wait=True, queued=_Queued.CANCEL)
+
     def _maybe_closed(self) -> None:
         with self._lock:
             if self._state is not _State.CLOSING or self._all or self._queue or self._ending:
@@ -757,13 +773,30 @@ def _complete(fut: ForwardFuture[Any], result: Any, exc: BaseException | None) -
 
 
 def _at_exit() -> None:
-    """Interpreter exit: refuse new calls, finish those submitted, stop every worker."""
+    """Interpreter exit: refuse new calls, finish those submitted, stop every worker. After
+    Ctrl-C (the program ends with KeyboardInterrupt, or it comes again meanwhile) the user
+    wants out: calls still waiting or running are cancelled instead, and the workers stop
+    now (see :meth:`PoolCore.abort`)."""
     global _interpreter_exiting
     _interpreter_exiting = True
     with _live_lock:
         cores = list(_live_cores)
+    # The exception that ends the program is in sys.last_value when these hooks run (not in
+    # an interactive session, where it may be an old one).
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt) and not hasattr(
+        sys, "ps1"
+    )
     for core in cores:
-        core.shutdown(wait=True, queued=_Queued.RUN)
+        try:
+            if interrupted:
+                core.abort()
+            else:
+                core.shutdown(wait=True, queued=_Queued.RUN)
+        except KeyboardInterrupt:
+            # Ctrl-C while the calls finish: stop them all now. Return only once the workers
+            # are gone, or multiprocessing's own exit hook would race our reaping of them.
+            interrupted = True
+            core.abort()
 
 
 def _after_fork_in_child() -> None:

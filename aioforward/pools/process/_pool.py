@@ -45,6 +45,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,27 @@ MAIN_GUARD_HELP = (
     'under `if __name__ == "__main__":` (or inside a function that it calls), never at the '
     "top level of a script"
 )
+
+
+def unspawnable_main() -> str | None:
+    """Why spawned workers could not import this program's main module, or None. A worker
+    imports it as multiprocessing's spawn does: by module name when it was run with ``-m``,
+    else from its file; a script read from stdin has a ``__file__`` of ``<stdin>``, not a
+    file (a REPL or ``python -c`` has none, and is not imported)."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(getattr(main, "__spec__", None), "name", None) is not None:
+        return None
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return None
+    full = os.path.join(getattr(multiprocessing.process, "ORIGINAL_DIR", None) or "", path)
+    if os.path.isfile(full):
+        return None
+    return (
+        f"the program's main module was read from {path!r}, not from a file, and each worker "
+        "process imports the main module from its file; save the script to a file and run "
+        "that (or use a ThreadPool)"
+    )
 
 
 class ProcessWorker(Worker):
@@ -717,6 +739,9 @@ class ProcessPool(Pool):
         workers = cpus if workers is None else workers
         check_int("workers", workers, 1)
         check_int("threads_per_worker", threads_per_worker, 1, optional=True)
+        problem = unspawnable_main()
+        if problem is not None:
+            raise RuntimeError(f"a ProcessPool cannot start workers here: {problem}")
         threads_per_worker = threads_per_worker or max(1, cpus // workers)
         check_int("interop_threads", interop_threads, 1)
         check_callable("initializer", initializer)

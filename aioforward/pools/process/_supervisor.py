@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import threading
 import time
 import warnings
@@ -39,7 +40,7 @@ from ._messages import (
 from ._worker import worker_main
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from .._base import PoolCore
     from .._worker import WorkItem
@@ -48,6 +49,25 @@ if TYPE_CHECKING:
 __all__ = ["Supervisor"]
 
 _environ_lock = threading.Lock()  # spawn copies os.environ: one start at a time sets it
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while a worker is spawned. The child inherits the mask, so
+    a Ctrl-C that reaches the whole process group (a terminal, a supervisor) while it starts
+    stays pending until ``worker_main`` ignores SIGINT, which discards it: the worker never
+    raises KeyboardInterrupt, even while it imports the main module. This process loses
+    nothing: a process-directed signal goes to a thread that does not block it."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 # How long a reply may wait unread by the task that owns it before this thread reads it; also
 # how often it looks while a task owns a pipe.
 WATCH_INTERVAL = 0.1
@@ -232,7 +252,7 @@ class Supervisor:
             daemon=True,
         )
         try:
-            with _environ_lock:
+            with _environ_lock, _sigint_blocked():
                 env = backend.environment()
                 saved = {k: os.environ.get(k) for k in env}
                 os.environ.update(env)

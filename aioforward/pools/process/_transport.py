@@ -420,7 +420,25 @@ def loads(
 
     u = pickle.Unpickler(io.BytesIO(data))
     u.persistent_load = persistent_load  # type: ignore[method-assign]
-    return u.load()
+    return _load(u)
+
+
+def _load(u: pickle.Unpickler) -> Any:
+    """``u.load()``; a class or function that this process cannot import by name becomes a
+    ``SerializationError`` that says where to define it."""
+    try:
+        return u.load()
+    except (AttributeError, ImportError) as exc:
+        if isinstance(exc, AttributeError) and not str(exc).startswith("Can't get attribute"):
+            raise  # not pickle's lookup of a name: the object's own code failed
+        raise SerializationError(
+            f"process {os.getpid()} cannot rebuild an object sent to it: {exc}. What a worker runs "
+            "or returns must be importable by name in both processes; a worker imports your "
+            'main script as __mp_main__ without running its `if __name__ == "__main__":` '
+            "block. Define classes and functions at the top level of the script or of a "
+            "module it imports, not under that block, nor in `python -c`, stdin or a "
+            "notebook (or build the module in the worker: aioforward.ModuleSpec)"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------- module weights
@@ -505,7 +523,7 @@ def load_module(blob: bytes, seg: Segment | None) -> torch.nn.Module:
 
     u = pickle.Unpickler(io.BytesIO(blob))
     u.persistent_load = persistent_load  # type: ignore[method-assign]
-    module = u.load()
+    module = _load(u)
     assert isinstance(module, torch.nn.Module)
     return module
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -78,6 +79,12 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def worker_main(conn: Connection, opts: WorkerOptions) -> None:
+    # Ctrl-C is for the parent, which stops its pools: a worker that raised KeyboardInterrupt
+    # would print a traceback and fail the call it runs. The parent spawned us with SIGINT
+    # blocked (see _supervisor._sigint_blocked): ignoring it discards one already pending.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(
         target=_watch_parent, args=(opts.parent_pid,), name="aioforward-parent-watch", daemon=True
     ).start()
