@@ -122,6 +122,12 @@ def _seed(r: Results) -> list[Target]:
 def _parallel(kind: str) -> Callable[[Results], list[Target]]:
     def rows(r: Results) -> list[Target]:
         out = []
+        # What two bare single-threaded processes reach against the same direct calls:
+        # where they cannot match torch's own threads, no pool of workers can.
+        bare = ""
+        if f"{kind}/bare-two-processes" in r:
+            b = _ratio(r, f"{kind}/direct-default-threads", f"{kind}/bare-two-processes")
+            bare = f" (two bare processes: {b:.2f}x)"
         for pool in ("ThreadPool", "ProcessPool"):
             s = _ratio(r, f"{kind}/serial-1-thread", f"{kind}/{pool}")
             d = _ratio(r, f"{kind}/direct-default-threads", f"{kind}/{pool}")
@@ -153,12 +159,6 @@ def _parallel(kind: str) -> Callable[[Results], list[Target]]:
                         s / limit >= 0.95,
                     )
                 )
-            # What two bare single-threaded processes reach against the same direct calls:
-            # where they cannot match torch's own threads, no pool of workers can.
-            bare = ""
-            if f"{kind}/bare-two-processes" in r:
-                b = _ratio(r, f"{kind}/direct-default-threads", f"{kind}/bare-two-processes")
-                bare = f" (two bare processes: {b:.2f}x)"
             out.append(
                 Target(
                     f"run_parallel 2 x {kind}, {pool} vs direct default threads",
