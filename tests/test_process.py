@@ -782,8 +782,12 @@ def test_frames_are_told_from_pickles() -> None:
     for proto in range(2, pickle.HIGHEST_PROTOCOL + 1):
         assert pickle.dumps(af.PoolStats, protocol=proto)[0] not in (fr.CALL, fr.REPLY)
     x, y = torch.randn(2, 3), torch.arange(4)
-    seq, key, args = fr.read_call(fr.call_frame(9, (123, 4), fr.encode_args((x, y))))
+    body = fr.encode_small((x, y), 1 << 16)
+    assert body is not None
+    seq, key, args = fr.read_call(fr.call_frame(9, (123, 4), body))
     assert (seq, key) == (9, (123, 4)) and torch.equal(args[0], x) and torch.equal(args[1], y)
+    assert fr.encode_small((x, torch.nn.Parameter(y.float())), 1 << 16) is None  # one pickled
+    assert fr.encode_small((x,) * 256, 1 << 16) is None  # a count over one byte
     assert not fr.plain_small(torch.nn.Parameter(x), 1 << 16)  # pickled: keeps its type
     assert not fr.plain_small(torch.randn(100), 16)  # over the inline limit: shared memory
     assert not fr.plain_small(torch.randn(2, dtype=torch.complex64).conj(), 1 << 16)

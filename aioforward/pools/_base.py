@@ -46,6 +46,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import torch
 
 # anyio imports its backend for an event loop on first use, in that loop's thread: a pool's
 # first start froze the loop for 45-53 ms here, 4 ms with the backend imported before. So
@@ -68,8 +69,6 @@ from ._worker import Worker, WorkItem
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-
-    import torch
 
 __all__ = ["Backend", "Latency", "MapResult", "Pool", "PoolCore", "PoolStats"]
 
@@ -453,7 +452,8 @@ class PoolCore:
         nxt: WorkItem | None = None
         stop = False
         starts: list[Worker] = []
-        self._timer.cancel(item.timer)
+        if item.timer is not None:
+            self._timer.cancel(item.timer)
         with self._lock:
             if w.item is not item:
                 return  # the worker was lost meanwhile, and worker_lost ended the call
@@ -915,7 +915,8 @@ class Pool(concurrent.futures.Executor, abc.ABC):
 
             logits = await pool.forward(model, input_ids, attention_mask=mask, timeout=5)
         """
-        check_module(module, "module")
+        if not isinstance(module, torch.nn.Module):
+            check_module(module, "module")  # a ModuleSpec passes; anything else raises
         core = self._core  # core.call(), inlined: this is the per-call path
         if core.backend.unshipped(module):
             await core.ship((module,))
@@ -1068,8 +1069,6 @@ class Pool(concurrent.futures.Executor, abc.ABC):
             model.load_state_dict(new_weights)
             pool.reload(model)
         """
-        import torch
-
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         self._core.backend.reload(module)
@@ -1136,8 +1135,6 @@ _P = TypeVar("_P", bound=Pool)
 
 def parse_parallel(items: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Call]:
     """Split ``run_parallel``'s arguments into one :class:`Call` per module."""
-    import torch
-
     if not items:
         raise TypeError("run_parallel() needs at least one module (or aioforward.call(...))")
     if isinstance(items[0], Call):

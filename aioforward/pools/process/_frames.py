@@ -57,6 +57,19 @@ def plain_small(t: Any, limit: int) -> bool:
     )
 
 
+def encode_small(args: tuple[Any, ...], limit: int) -> bytes | None:
+    """The args section of a call whose arguments all pass :func:`plain_small` (at most 255
+    of them), else None: checked and packed in one pass, since it runs for every call."""
+    if len(args) > 255:
+        return None
+    out = [_COUNT.pack(len(args))]
+    for t in args:
+        if not plain_small(t, limit):
+            return None
+        _pack(t, out)
+    return b"".join(out)
+
+
 def _pack(t: torch.Tensor, out: list[bytes]) -> None:
     shape = t.shape
     out.append(_TENSOR_HEAD.pack(_CODES[t.dtype], len(shape)))
@@ -81,19 +94,28 @@ def _unpack(data: bytes, base: int, off: int) -> tuple[torch.Tensor, int]:
     return t, off + nbytes
 
 
-def _address(data: bytes) -> int:
+def _buffer_address(data: bytes) -> int:
     """Where the bytes of ``data`` lie (a bytes object's own buffer: no copy)."""
     address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
     assert address is not None
     return address
 
 
-def encode_args(args: tuple[torch.Tensor, ...]) -> bytes:
-    """The args section of a call (at most 255 tensors, each passing :func:`plain_small`)."""
-    out = [_COUNT.pack(len(args))]
-    for t in args:
-        _pack(t, out)
-    return b"".join(out)
+def _bytes_offset() -> int | None:
+    """How far a bytes object's buffer lies from the object's ``id``: a constant in CPython
+    (its object header), found once here; None where ``id`` is not an address."""
+    probes = [bytes(range(n, n + 40)) for n in range(4)]
+    offsets = {_buffer_address(p) - id(p) for p in probes}
+    return offsets.pop() if len(offsets) == 1 else None
+
+
+_OFFSET = _bytes_offset()
+
+
+def _address(data: bytes) -> int:
+    """Where the bytes of ``data`` lie: ``id`` plus the header (0.05 us), else by ctypes (0.5
+    us), per call on both sides of a frame."""
+    return id(data) + _OFFSET if _OFFSET is not None else _buffer_address(data)
 
 
 def read_args(data: bytes, off: int = 0) -> tuple[torch.Tensor, ...]:
@@ -109,7 +131,7 @@ def read_args(data: bytes, off: int = 0) -> tuple[torch.Tensor, ...]:
 
 
 def call_frame(seq: int, key: tuple[int, int], args: bytes) -> bytes:
-    """A whole call: ``args`` from :func:`encode_args`."""
+    """A whole call: ``args`` from :func:`encode_small`."""
     return _CALL_HEAD.pack(CALL, seq, key[0], key[1]) + args
 
 

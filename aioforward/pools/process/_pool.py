@@ -44,6 +44,7 @@ import itertools
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -236,7 +237,7 @@ class ProcessWorker(Worker):
                 # (the loop would see the pipe readable on every turn until it is read).
                 self.unwatch(watch)
                 return
-            if not tr.readable(watch.fd):
+            if not watch.poller.poll(0):
                 return  # the supervisor read what the loop saw before it let go
             try:
                 data = tr.recv_message(watch.fd)
@@ -286,6 +287,8 @@ class ProcessWorker(Worker):
     def _release(self, token: object, ended: bool) -> None:
         """The task stops reading; the supervisor reads from now on (and is told to wait on
         the pipe when the reply is still to come)."""
+        if self.reader is not token:
+            return  # only run_awaited sets it to this token, before the task reads
         with self.read_lock:
             poke = False
             if self.reader is token:
@@ -366,13 +369,15 @@ class _Watch:
     The callback checks that the pipe is still readable before it reads: the loop may have
     seen a reply that the supervisor read meanwhile."""
 
-    __slots__ = ("worker", "loop", "conn", "fd", "call")
+    __slots__ = ("worker", "loop", "conn", "fd", "call", "poller")
 
     def __init__(self, worker: ProcessWorker, loop: Any, conn: Connection) -> None:
         self.worker = worker
         self.loop = loop
         self.conn = conn
         self.fd = conn.fileno()
+        self.poller = select.poll()  # is the pipe still readable? (tr.readable, kept)
+        self.poller.register(self.fd, select.POLLIN)
         self.call: tuple[object, list[Any]] | None = None  # (reader token, task's wake-up)
 
 
@@ -498,13 +503,11 @@ class ProcessBackend(Backend):
 
     def prepare(self, c: Call) -> Any:
         key, ref = self.shipper.reference(c.module)
-        if (
-            ref[0] == "m"
-            and not c.kwargs
-            and len(c.args) < 256
-            and all(fr.plain_small(a, self.inline_bytes) for a in c.args)
-        ):  # the common small call: its tensors in a binary frame, no pickle (see _frames)
-            return (key, ref, fr.encode_args(c.args), None)
+        if ref[0] == "m" and not c.kwargs:
+            # The common small call: its tensors in a binary frame, no pickle (see _frames).
+            args = fr.encode_small(c.args, self.inline_bytes)
+            if args is not None:
+                return (key, ref, args, None)
         box = tr.Outbox(self.inline_bytes)
         # A shipped module's reference is a few ints and a name: it travels in the CallMsg,
         # outside the body, whose pickler calls back into Python for every object it holds.

@@ -55,7 +55,11 @@ class ModuleShipper:
     def reference(self, fn: Any) -> tuple[ModuleKey | None, tuple[Any, ...]]:
         """The key and the reference to pickle into a call for ``fn``."""
         if isinstance(fn, torch.nn.Module):
-            key = self._ship(fn)
+            hit = self._shipped.get(id(fn))  # the per-call path: a dict read is atomic
+            if hit is not None and hit[0]() is fn:
+                key = (id(fn), hit[1])
+            else:
+                key = self._ship(fn)
             return key, ("m", key)
         if isinstance(fn, ModuleSpec):
             skey = ("spec", id(fn))
