@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._transport import as_bytes, is_plain
+from ._transport import as_bytes
 
 CALL = 0x01  # parent -> worker: seq, module key, then the argument tensors
 REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
@@ -47,34 +47,52 @@ _SHAPES = [struct.Struct(f"<{n}q") for n in range(256)]  # by ndim
 def plain_small(t: Any, limit: int) -> bool:
     """Whether ``t`` can travel in a frame: an ordinary CPU tensor of a listed dtype, at
     most ``limit`` bytes, with no lazy conjugate or negation."""
-    return (
-        type(t) is torch.Tensor  # a Parameter is pickled, to keep its type
-        and is_plain(t)
-        and t.dtype in _CODES
-        and t.nbytes <= limit
-        and not t.is_conj()
-        and not t.is_neg()
-    )
+    return _code(t, limit) is not None
+
+
+def _code(t: Any, limit: int) -> int | None:
+    """The dtype code of ``t`` if it passes :func:`plain_small`, else None. A quantized
+    tensor's dtype is not listed: no need to ask."""
+    if type(t) is not torch.Tensor:  # a Parameter is pickled, to keep its type
+        return None
+    code = _CODES.get(t.dtype)
+    if (
+        code is None
+        or t.layout is not torch.strided
+        or not t.is_cpu  # not t.device.type: that builds a device object (1 us, per call)
+        or t.is_nested
+        or t.nbytes > limit
+        or t.is_conj()
+        or t.is_neg()
+    ):
+        return None
+    return code
+
+
+def _pack_small(t: Any, limit: int, out: list[bytes]) -> bool:
+    """Append ``t`` to ``out`` (its dtype code, shape and bytes) if it passes
+    :func:`plain_small`; return whether it did. Checked and packed at once: this runs for
+    every argument and every result of the common small call."""
+    code = _code(t, limit)
+    if code is None:
+        return False
+    shape = t.shape
+    out.append(_TENSOR_HEAD.pack(code, len(shape)))
+    out.append(_SHAPES[len(shape)].pack(*shape))
+    out.append(as_bytes(t))  # its bytes: no need to detach it from autograd first
+    return True
 
 
 def encode_small(args: tuple[Any, ...], limit: int) -> bytes | None:
     """The args section of a call whose arguments all pass :func:`plain_small` (at most 255
-    of them), else None: checked and packed in one pass, since it runs for every call."""
+    of them), else None."""
     if len(args) > 255:
         return None
     out = [_COUNT.pack(len(args))]
     for t in args:
-        if not plain_small(t, limit):
+        if not _pack_small(t, limit, out):
             return None
-        _pack(t, out)
     return b"".join(out)
-
-
-def _pack(t: torch.Tensor, out: list[bytes]) -> None:
-    shape = t.shape
-    out.append(_TENSOR_HEAD.pack(_CODES[t.dtype], len(shape)))
-    out.append(_SHAPES[len(shape)].pack(*shape))
-    out.append(as_bytes(t))  # its bytes: no need to detach it from autograd first
 
 
 def _unpack(data: bytes, base: int, off: int) -> tuple[torch.Tensor, int]:
@@ -141,10 +159,10 @@ def read_call(data: bytes) -> tuple[int, tuple[int, int], tuple[torch.Tensor, ..
     return seq, (k0, k1), read_args(data, _CALL_HEAD.size)
 
 
-def reply_frame(compute_s: float, result: torch.Tensor) -> bytes:
+def reply_frame(compute_s: float, result: Any, limit: int) -> bytes | None:
+    """The reply of a call whose result passes :func:`plain_small`, else None."""
     out = [_REPLY_HEAD.pack(REPLY, compute_s)]
-    _pack(result, out)
-    return b"".join(out)
+    return b"".join(out) if _pack_small(result, limit, out) else None
 
 
 def read_reply(data: bytes) -> tuple[float, torch.Tensor]:

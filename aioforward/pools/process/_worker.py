@@ -178,8 +178,9 @@ class _Server:
         finally:
             _cancel.set_process_seq(-1)
         compute = time.perf_counter() - t0
-        if fr.plain_small(out, self.opts.inline_bytes):
-            _send_bytes(self.conn, fr.reply_frame(compute, out))
+        data = fr.reply_frame(compute, out, self.opts.inline_bytes)
+        if data is not None:
+            _send_bytes(self.conn, data)
         elif isinstance(out, types.GeneratorType):
             out.close()
             self._raised(TypeError(not_a_call(type(fn).__name__)))
@@ -242,8 +243,8 @@ class _Server:
     def _reply(self, out: Any, compute: float) -> None:
         """Send a call's result: a reply frame for a small tensor, else an ``Ok`` (large
         tensors in this worker's response segment)."""
-        if fr.plain_small(out, self.opts.inline_bytes):
-            data = fr.reply_frame(compute, out)
+        data = fr.reply_frame(compute, out, self.opts.inline_bytes)
+        if data is not None:
             del out
             _send_bytes(self.conn, data)
             return
