@@ -795,6 +795,25 @@ def test_frames_are_told_from_pickles() -> None:
         warnings.simplefilter("ignore", UserWarning)  # "nested tensors are a prototype"
         nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
     assert not fr.plain_small(nested, 1 << 16)  # no single shape: pickled
+    reply = fr.reply_frame(0.5, y, 1 << 16)
+    assert reply is not None and fr.read_reply(reply)[0] == 0.5
+    assert torch.equal(fr.read_reply(reply)[1], y)
+    assert fr.reply_frame(0.5, torch.nn.Parameter(x), 1 << 16) is None  # an Ok, pickled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "quantized tensors are deprecated"
+        quantized = torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8)
+    assert not fr.plain_small(quantized, 1 << 16)  # its dtype is not listed: pickled
+
+
+def test_a_frame_finds_its_bytes_where_ctypes_does() -> None:
+    """Frames read a message's bytes at ``id(data)`` plus CPython's header offset, probed at
+    import: check it against ctypes for messages of every size class."""
+    from aioforward.pools.process import _frames as fr
+
+    assert fr._OFFSET is not None  # CPython: id() is the object's address
+    for n in (0, 1, 7, 100, 1000, 1 << 20):
+        data = os.urandom(n)
+        assert fr._address(data) == fr._buffer_address(data)
 
 
 async def test_first_calls_of_a_module_from_several_threads_at_once() -> None:
