@@ -915,8 +915,7 @@ class Pool(concurrent.futures.Executor, abc.ABC):
 
             logits = await pool.forward(model, input_ids, attention_mask=mask, timeout=5)
         """
-        if not isinstance(module, torch.nn.Module):
-            check_module(module, "module")  # a ModuleSpec passes; anything else raises
+        check_module(module, "module")
         core = self._core  # core.call(), inlined: this is the per-call path
         if core.backend.unshipped(module):
             await core.ship((module,))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._transport import as_bytes
+from ._transport import as_bytes, is_plain
 
 CALL = 0x01  # parent -> worker: seq, module key, then the argument tensors
 REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
@@ -51,20 +51,11 @@ def plain_small(t: Any, limit: int) -> bool:
 
 
 def _code(t: Any, limit: int) -> int | None:
-    """The dtype code of ``t`` if it passes :func:`plain_small`, else None. A quantized
-    tensor's dtype is not listed: no need to ask."""
+    """The dtype code of ``t`` if it passes :func:`plain_small`, else None."""
     if type(t) is not torch.Tensor:  # a Parameter is pickled, to keep its type
         return None
     code = _CODES.get(t.dtype)
-    if (
-        code is None
-        or t.layout is not torch.strided
-        or not t.is_cpu  # not t.device.type: that builds a device object (1 us, per call)
-        or t.is_nested
-        or t.nbytes > limit
-        or t.is_conj()
-        or t.is_neg()
-    ):
+    if code is None or not is_plain(t) or t.nbytes > limit or t.is_conj() or t.is_neg():
         return None
     return code
 

@@ -55,11 +55,7 @@ class ModuleShipper:
     def reference(self, fn: Any) -> tuple[ModuleKey | None, tuple[Any, ...]]:
         """The key and the reference to pickle into a call for ``fn``."""
         if isinstance(fn, torch.nn.Module):
-            hit = self._shipped.get(id(fn))  # the per-call path: a dict read is atomic
-            if hit is not None and hit[0]() is fn:
-                key = (id(fn), hit[1])
-            else:
-                key = self._ship(fn)
+            key = self._ship(fn)
             return key, ("m", key)
         if isinstance(fn, ModuleSpec):
             skey = ("spec", id(fn))
@@ -73,21 +69,17 @@ class ModuleShipper:
         return None, ("fn", fn)
 
     def unshipped(self, fn: Any) -> bool:
-        """Whether :meth:`reference` would ship ``fn`` (a module, or a module's method) now.
-        Without the lock: it runs for every awaited call, and a dict read is atomic."""
+        """Whether :meth:`reference` would ship ``fn`` (a module, or a module's method) now."""
         module = fn if isinstance(fn, torch.nn.Module) else method_owner(fn)
-        if module is None:
-            return False
-        hit = self._shipped.get(id(module))
-        return hit is None or hit[0]() is not module
+        return module is not None and self._shipped_key(module) is None
 
     def _shipped_key(self, module: torch.nn.Module) -> ModuleKey | None:
-        """The key of ``module``'s current shipped version, if any."""
+        """The key of ``module``'s current shipped version, if any. Without the lock: it runs
+        for every call, and a dict read is atomic (``_ship`` checks again under its lock)."""
         mid = id(module)
-        with self._lock:
-            hit = self._shipped.get(mid)
-            if hit is not None and hit[0]() is module:
-                return (mid, hit[1])
+        hit = self._shipped.get(mid)
+        if hit is not None and hit[0]() is module:
+            return (mid, hit[1])
         return None
 
     def _ship(self, module: torch.nn.Module) -> ModuleKey:

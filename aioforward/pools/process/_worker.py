@@ -178,10 +178,7 @@ class _Server:
         finally:
             _cancel.set_process_seq(-1)
         compute = time.perf_counter() - t0
-        data = fr.reply_frame(compute, out, self.opts.inline_bytes)
-        if data is not None:
-            _send_bytes(self.conn, data)
-        elif isinstance(out, types.GeneratorType):
+        if isinstance(out, types.GeneratorType):
             out.close()
             self._raised(TypeError(not_a_call(type(fn).__name__)))
         else:
