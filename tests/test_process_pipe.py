@@ -189,3 +189,58 @@ def test_readable_takes_descriptors_from_1024_up() -> None:
     finally:
         for fd in (r, w, high):
             os.close(fd)
+
+
+@pytest.mark.anyio
+async def test_run_parallel_replies_are_read_by_the_awaiting_loop(
+    anyio_backend: tuple[str, dict[str, object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_parallel`` on a process pool: on asyncio and uvloop the loop that awaits the
+    calls reads every reply itself (small results in frames, 1 MB ones through shared
+    memory), with no hand-off from the supervisor; on trio the supervisor reads them."""
+    from aioforward.pools.process import _supervisor
+
+    monkeypatch.setattr(_supervisor, "WATCH_INTERVAL", 30.0)  # a missed reply would hang
+    m1, m2 = M.Tiny(), M.Tiny()
+    small = torch.randn(1, 10)
+    big = torch.randn(256, 1024)  # 1 MB in, 1 MB out (identity-shaped modules below)
+    s1, s2 = torch.nn.Identity(), torch.nn.ReLU()
+    with torch.no_grad():
+        expected = (m1(small), m2(small))
+    async with af.ProcessPool(workers=2, name="gather") as pool:
+        await pool.warmup(m1, m2, s1, s2, example=None)
+        readers = record_reply_readers(monkeypatch)
+        for _ in range(10):
+            with anyio.fail_after(20):
+                a, b = await pool.run_parallel(m1, m2, small)
+                y1, y2 = await pool.run_parallel(s1, s2, big)
+            torch.testing.assert_close((a, b), expected)
+            torch.testing.assert_close(y1, big)
+            torch.testing.assert_close(y2, big.relu())
+    assert len(readers) == 40
+    here = threading.current_thread().name
+    expected_reader = "gather-supervisor" if anyio_backend[0] == "trio" else here
+    assert readers.count(expected_reader) == 40, sorted(set(readers))
+
+
+@pytest.mark.anyio
+async def test_run_parallel_whose_second_call_cannot_be_sent_lets_the_first_worker_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second call fails in submit (an argument that cannot be pickled): the first,
+    already sent, is cancelled, and its worker's pipe is let go at once, so that the next
+    call there is read as usual rather than after the supervisor's takeover of a reply
+    nobody reads."""
+    from aioforward.pools.process import _supervisor
+
+    monkeypatch.setattr(_supervisor, "WATCH_INTERVAL", 30.0)
+    m, x = M.Tiny(), torch.randn(1, 10)
+    async with af.ProcessPool(workers=1) as pool:
+        await pool.warmup(m, example=x)
+        with pytest.raises(af.SerializationError, match="cannot be sent"):
+            await pool.run_parallel(af.call(m, x), af.call(m, x, extra=lambda: 0))
+        (w,) = pool._core._all  # type: ignore[attr-defined]
+        assert w.reader is None
+        with anyio.fail_after(20):
+            for _ in range(3):
+                torch.testing.assert_close(await pool.forward(m, x), m(x).detach())

@@ -58,7 +58,7 @@ with contextlib.suppress(ImportError):
         import anyio._backends._trio
 
 from .._call import Call, ModuleSpec, call, check_module, module_name
-from .._future import ForwardFuture, running_asyncio_loop, wait_all
+from .._future import ForwardFuture, let_go, running_asyncio_loop, wait_all
 from .._registry import register_pool
 from .._stats import Latency, PoolStats, Reservoir
 from .._stream import DEFAULT_BUFFER, Channel, ForwardStream
@@ -1166,15 +1166,22 @@ def parse_parallel(items: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Call]
 
 
 async def run_calls(pool: Pool, calls: list[Call], timeout: float | None) -> tuple[Any, ...]:
-    """Submit every call, then wait for all; a failed submit cancels those already submitted."""
-    await pool._core.ship(c.module for c in calls)  # first calls: off the event loop
+    """Submit every call, then wait for all; a failed submit cancels those already submitted.
+
+    On a process pool each call is submitted as awaited (``PoolCore.submit``), so that the
+    waiting loop reads the replies itself (``wait_all``); elsewhere that would defer each
+    call's start to its own task."""
+    core = pool._core
+    await core.ship(c.module for c in calls)  # first calls: off the event loop
+    awaited = core.backend.dispatch_in_submit
     futures: list[ForwardFuture[Any]] = []
     try:
         for c in calls:
-            futures.append(pool.submit_call(c, timeout=timeout))  # noqa: PERF401
+            futures.append(core.submit(c, timeout, awaited=awaited))  # noqa: PERF401
     except BaseException:
         for f in reversed(futures):  # queued ones first: a freed worker must not start them
             f.cancel()
+            let_go(f)
         raise
     labels = [f"raised by module {i} ({c.name}) in run_parallel" for i, c in enumerate(calls)]
     return tuple(await wait_all(futures, labels))
