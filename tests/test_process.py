@@ -782,9 +782,9 @@ def test_frames_are_told_from_pickles() -> None:
     for proto in range(2, pickle.HIGHEST_PROTOCOL + 1):
         assert pickle.dumps(af.PoolStats, protocol=proto)[0] not in (fr.CALL, fr.REPLY)
     x, y = torch.randn(2, 3), torch.arange(4)
-    body = fr.encode_small((x, y), 1 << 16)
-    assert body is not None
-    seq, key, args = fr.read_call(fr.call_frame(9, (123, 4), body))
+    framed = fr.encode_small((x, y), 1 << 16)
+    assert framed is not None and framed[1] is None  # all inline
+    seq, key, args = fr.read_call(fr.call_frame(9, (123, 4), framed[0]))
     assert (seq, key) == (9, (123, 4)) and torch.equal(args[0], x) and torch.equal(args[1], y)
     assert fr.encode_small((x, torch.nn.Parameter(y.float())), 1 << 16) is None  # one pickled
     assert fr.encode_small((x,) * 256, 1 << 16) is None  # a count over one byte
@@ -803,6 +803,71 @@ def test_frames_are_told_from_pickles() -> None:
         warnings.simplefilter("ignore", UserWarning)  # "quantized tensors are deprecated"
         quantized = torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8)
     assert not fr.plain_small(quantized, 1 << 16)  # its dtype is not listed: pickled
+
+
+def test_frames_place_large_tensors_in_shared_memory() -> None:
+    """Over the inline limit a tensor's bytes go to a segment (the call's arguments to the
+    request segment, at the offsets the frame names, viewed there by the worker; a result
+    to the response segment, copied out by the parent); a frame naming bytes outside its
+    segment is refused; a result larger than the segment is left to a pickled ``Ok``."""
+    from aioforward.pools.process import _frames as fr
+    from aioforward.pools.process import _transport as tr
+
+    small, big = torch.randn(2, 3), torch.randn(300, 7)  # 8,400 bytes: over a 1,000 limit
+    odd = torch.arange(4000, dtype=torch.int16)[::2]  # strided: copied compactly
+    framed = fr.encode_small((big, small, odd), 1000)
+    assert framed is not None
+    body, box = framed
+    assert box is not None and len(box.big) == 2  # small stays inline
+    seg = tr.Segment.create("aiofwd_test_frames", 1 << 16, memfd=tr.MEMFD, keep_fd=False)
+    try:
+        box.write(seg)
+        _, _, args = fr.read_call(fr.call_frame(1, (2, 3), body), seg)
+        assert [torch.equal(a, b) for a, b in zip(args, (big, small, odd), strict=True)] == [
+            True
+        ] * 3
+        assert args[0].untyped_storage().data_ptr() == seg.buf.data_ptr()  # a view, no copy
+        with pytest.raises(ValueError, match="outside shared memory"):
+            fr.read_call(fr.call_frame(1, (2, 3), body))  # no segment mapped
+        reply = fr.reply_frame(0.25, big.t(), 1000, seg)
+        assert reply is not None and fr.reply_shared_bytes(reply) == big.nbytes
+        compute, y = fr.read_reply(reply, seg)
+        assert compute == 0.25 and torch.equal(y, big.t())
+        assert y.untyped_storage().data_ptr() != seg.buf.data_ptr()  # copied out: ours
+        other = tr.Segment.create("aiofwd_test_other", 1 << 16, memfd=tr.MEMFD, keep_fd=False)
+        try:
+            with pytest.raises(ValueError, match="not mapped"):
+                fr.read_reply(reply, other)  # not the segment the worker wrote to
+        finally:
+            other.release()
+        assert fr.reply_frame(0.25, torch.randn(1 << 15), 1000, seg) is None  # 128 KB > 64 KB
+        assert fr.reply_frame(0.25, big, 1000, None) is None  # no segment yet: an Ok
+        assert fr.reply_shared_bytes(fr.reply_frame(0.25, small, 1000, seg) or b"") == 0
+    finally:
+        seg.release()
+
+
+async def test_large_tensor_calls_travel_in_frames_and_segments_grow(
+    shared: af.ProcessPool,
+) -> None:
+    """Large plain tensors in and out, of growing sizes (each growth of a segment sends a
+    pickled message with its descriptor, then frames again), several at once, views and
+    every listed dtype: each result equals a direct call's, as a tensor the caller owns."""
+    two = M.Pair()
+    echo = torch.nn.Identity()
+    for n in (20_000, 20_000, 300_000, 1_000_000, 300_000):
+        a, b = torch.randn(n, 10), torch.randn(n, 10)
+        with torch.inference_mode():
+            want = two(a, b)
+        torch.testing.assert_close(await shared.forward(two, a, b), want)
+        x = torch.randn(n * 2)[::2]
+        y = await shared.forward(echo, x)
+        assert torch.equal(y, x) and type(y) is torch.Tensor
+        y.fill_(0)
+        assert not torch.equal(y, x)  # ours, not a view of shared memory
+    for dt in (torch.float16, torch.int64, torch.bool, torch.complex64):
+        x = torch.ones(100_000, dtype=dt)
+        assert torch.equal(await shared.forward(echo, x), x), dt
 
 
 def test_a_frame_finds_its_bytes_where_ctypes_does() -> None:

@@ -1,12 +1,15 @@
-"""Binary frames for the common small call: a shipped module applied to a few small plain
-tensors, and a reply that is one small plain tensor.
+"""Binary frames for the common call: a shipped module applied to a few plain tensors, and
+a reply that is one plain tensor.
 
 Such a call skips pickle on both sides (a pickled call runs the pickler's Python callback
 for every object, and unpickling a message looks its class up by name): a fixed
-little-endian header, then each tensor as its dtype code, shape and bytes. A pickle
-(protocol 2 and above) starts with ``0x80``, so the first byte tells a frame from a pickled
-message. Everything else (keyword arguments, large tensors in shared memory, module loads,
-streams) travels pickled as before.
+little-endian header, then each tensor as its dtype code and shape, then its bytes inline
+(at most the pool's ``inline_bytes``) or, for a larger one, its offset in shared memory: the
+worker's request segment for arguments, its response segment for a result, both already
+mapped on the other side. A pickle (protocol 2 and above) starts with ``0x80``, so the
+first byte tells a frame from a pickled message. Everything else (keyword arguments,
+containers, a segment the other side has not mapped yet, module loads, streams) travels
+pickled as before.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ from typing import Any
 
 import torch
 
-from ._transport import as_bytes, is_plain
+from ._transport import Outbox, Segment, as_bytes, copy_into, is_plain
 
 CALL = 0x01  # parent -> worker: seq, module key, then the argument tensors
 REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
 
 _CALL_HEAD = struct.Struct("<Bqqq")  # tag, seq, module key (id, version); then the args
 _COUNT = struct.Struct("<B")  # the args section: how many tensors, then each
-_REPLY_HEAD = struct.Struct("<Bd")  # tag, compute_s
-_TENSOR_HEAD = struct.Struct("<BB")  # dtype code, ndim
+_REPLY_HEAD = struct.Struct("<Bdq")  # tag, compute_s, the response segment's sid (or -1)
+_TENSOR_HEAD = struct.Struct("<BB")  # dtype code (| SHARED), ndim; the shape follows
+_SHARED_AT = struct.Struct("<q")  # after the shape of a SHARED tensor: its offset
+SHARED = 0x80  # a dtype code's flag: the tensor's bytes lie in a segment, not in the frame
 _DTYPES = (
     torch.float32,
     torch.float64,
@@ -45,55 +50,73 @@ _SHAPES = [struct.Struct(f"<{n}q") for n in range(256)]  # by ndim
 
 
 def plain_small(t: Any, limit: int) -> bool:
-    """Whether ``t`` can travel in a frame: an ordinary CPU tensor of a listed dtype, at
-    most ``limit`` bytes, with no lazy conjugate or negation."""
-    return _code(t, limit) is not None
+    """Whether ``t`` can travel inline in a frame: an ordinary CPU tensor of a listed dtype,
+    at most ``limit`` bytes, with no lazy conjugate or negation."""
+    return _code(t) is not None and t.nbytes <= limit
 
 
-def _code(t: Any, limit: int) -> int | None:
-    """The dtype code of ``t`` if it passes :func:`plain_small`, else None."""
+def _code(t: Any) -> int | None:
+    """The dtype code of ``t`` if it can travel in a frame (any size), else None."""
     if type(t) is not torch.Tensor:  # a Parameter is pickled, to keep its type
         return None
     code = _CODES.get(t.dtype)
-    if code is None or not is_plain(t) or t.nbytes > limit or t.is_conj() or t.is_neg():
+    if code is None or not is_plain(t) or t.is_conj() or t.is_neg():
         return None
     return code
 
 
-def _pack_small(t: Any, limit: int, out: list[bytes]) -> bool:
-    """Append ``t`` to ``out`` (its dtype code, shape and bytes) if it passes
-    :func:`plain_small`; return whether it did. Checked and packed at once: this runs for
-    every argument and every result of the common small call."""
-    code = _code(t, limit)
-    if code is None:
-        return False
-    shape = t.shape
+def _head(code: int, shape: torch.Size, out: list[bytes]) -> None:
     out.append(_TENSOR_HEAD.pack(code, len(shape)))
     out.append(_SHAPES[len(shape)].pack(*shape))
-    out.append(as_bytes(t))  # its bytes: no need to detach it from autograd first
-    return True
 
 
-def encode_small(args: tuple[Any, ...], limit: int) -> bytes | None:
-    """The args section of a call whose arguments all pass :func:`plain_small` (at most 255
-    of them), else None."""
+def encode_small(args: tuple[Any, ...], limit: int) -> tuple[bytes, Outbox | None] | None:
+    """The args section of a call whose arguments are all plain tensors (at most 255 of
+    them), else None; with the :class:`Outbox` of those over ``limit`` bytes, which
+    ``Outbox.write`` places at the offsets the section names (None when all are inline).
+    Checked and packed at once: this runs for every call."""
     if len(args) > 255:
         return None
     out = [_COUNT.pack(len(args))]
+    box: Outbox | None = None
     for t in args:
-        if not _pack_small(t, limit, out):
+        code = _code(t)
+        if code is None:
             return None
-    return b"".join(out)
+        if t.nbytes <= limit:
+            _head(code, t.shape, out)
+            out.append(as_bytes(t))  # its bytes: no need to detach it from autograd first
+        else:
+            if box is None:
+                box = Outbox(limit)
+            _head(code | SHARED, t.shape, out)
+            out.append(_SHARED_AT.pack(box.add(t)))
+    return b"".join(out), box
 
 
-def _unpack(data: bytes, base: int, off: int) -> tuple[torch.Tensor, int]:
-    """The tensor at ``off`` in ``data`` (whose bytes start at address ``base``), copied
-    into memory of its own: torch's allocator aligns it, as its kernels expect."""
+def _unpack(
+    data: bytes, base: int, off: int, seg: Segment | None, copy: bool
+) -> tuple[torch.Tensor, int]:
+    """The tensor at ``off`` in ``data`` (whose bytes start at address ``base``): an inline
+    one copied into memory of its own (torch's allocator aligns it, as its kernels expect);
+    a SHARED one viewed in ``seg``, or copied out of it with ``copy``."""
     code, ndim = _TENSOR_HEAD.unpack_from(data, off)
     off += _TENSOR_HEAD.size
     shape = _SHAPES[ndim].unpack_from(data, off)
     off += _SHAPES[ndim].size
-    dtype = _DTYPES[code]
+    dtype = _DTYPES[code & ~SHARED]
+    if code & SHARED:
+        (at,) = _SHARED_AT.unpack_from(data, off)
+        off += _SHARED_AT.size
+        nbytes = _numel(shape) * dtype.itemsize
+        if seg is None or at < 0 or at + nbytes > seg.size:
+            raise ValueError(f"a frame names {nbytes} bytes at {at} outside shared memory")
+        view = seg.view(at, dtype, shape)
+        if not copy:
+            return view, off
+        t = torch.empty(shape, dtype=dtype)
+        copy_into(t, view)
+        return t, off
     t = torch.empty(shape, dtype=dtype)
     nbytes = t.numel() * dtype.itemsize
     if off + nbytes > len(data):
@@ -101,6 +124,13 @@ def _unpack(data: bytes, base: int, off: int) -> tuple[torch.Tensor, int]:
     if nbytes:
         ctypes.memmove(t.data_ptr(), base + off, nbytes)
     return t, off + nbytes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _buffer_address(data: bytes) -> int:
@@ -127,14 +157,15 @@ def _address(data: bytes) -> int:
     return id(data) + _OFFSET if _OFFSET is not None else _buffer_address(data)
 
 
-def read_args(data: bytes, off: int = 0) -> tuple[torch.Tensor, ...]:
-    """The tensors of an args section at ``off`` in ``data``."""
+def read_args(data: bytes, off: int = 0, seg: Segment | None = None) -> tuple[torch.Tensor, ...]:
+    """The tensors of an args section at ``off`` in ``data``; the large ones are views of
+    ``seg``, the request segment (no copy: the call runs on them there)."""
     base = _address(data)
     (count,) = _COUNT.unpack_from(data, off)
     off += _COUNT.size
     args = []
     for _ in range(count):
-        t, off = _unpack(data, base, off)
+        t, off = _unpack(data, base, off, seg, copy=False)
         args.append(t)
     return tuple(args)
 
@@ -144,20 +175,51 @@ def call_frame(seq: int, key: tuple[int, int], args: bytes) -> bytes:
     return _CALL_HEAD.pack(CALL, seq, key[0], key[1]) + args
 
 
-def read_call(data: bytes) -> tuple[int, tuple[int, int], tuple[torch.Tensor, ...]]:
-    """``(seq, module key, args)`` of a call frame."""
+def read_call(
+    data: bytes, seg: Segment | None = None
+) -> tuple[int, tuple[int, int], tuple[torch.Tensor, ...]]:
+    """``(seq, module key, args)`` of a call frame (large args: views of ``seg``)."""
     _, seq, k0, k1 = _CALL_HEAD.unpack_from(data)
-    return seq, (k0, k1), read_args(data, _CALL_HEAD.size)
+    return seq, (k0, k1), read_args(data, _CALL_HEAD.size, seg)
 
 
-def reply_frame(compute_s: float, result: Any, limit: int) -> bytes | None:
-    """The reply of a call whose result passes :func:`plain_small`, else None."""
-    out = [_REPLY_HEAD.pack(REPLY, compute_s)]
-    return b"".join(out) if _pack_small(result, limit, out) else None
+def reply_frame(
+    compute_s: float, result: Any, limit: int, seg: Segment | None = None
+) -> bytes | None:
+    """The reply of a call whose result is one plain tensor: inline up to ``limit`` bytes,
+    else copied into ``seg`` (the worker's response segment, which the parent has mapped)
+    when it fits there; None otherwise (the result is pickled, in an ``Ok``)."""
+    code = _code(result)
+    if code is None:
+        return None
+    if result.nbytes <= limit:
+        out = [_REPLY_HEAD.pack(REPLY, compute_s, -1)]
+        _head(code, result.shape, out)
+        out.append(as_bytes(result))
+    elif seg is not None and result.nbytes <= seg.size:
+        copy_into(seg.view(0, result.dtype, tuple(result.shape)), result.detach())
+        out = [_REPLY_HEAD.pack(REPLY, compute_s, seg.sid)]
+        _head(code | SHARED, result.shape, out)
+        out.append(_SHARED_AT.pack(0))
+    else:
+        return None
+    return b"".join(out)
 
 
-def read_reply(data: bytes) -> tuple[float, torch.Tensor]:
-    """``(compute_s, result)`` of a reply frame."""
-    _, compute_s = _REPLY_HEAD.unpack_from(data)
-    result, _ = _unpack(data, _address(data), _REPLY_HEAD.size)
+def reply_shared_bytes(data: bytes) -> int:
+    """How many bytes of shared memory a reply frame's result occupies (0: inline)."""
+    code, ndim = _TENSOR_HEAD.unpack_from(data, _REPLY_HEAD.size)
+    if not code & SHARED:
+        return 0
+    shape = _SHAPES[ndim].unpack_from(data, _REPLY_HEAD.size + _TENSOR_HEAD.size)
+    return _numel(shape) * _DTYPES[code & ~SHARED].itemsize
+
+
+def read_reply(data: bytes, seg: Segment | None = None) -> tuple[float, torch.Tensor]:
+    """``(compute_s, result)`` of a reply frame; a large result is copied out of ``seg``,
+    which must be the segment the worker wrote it to."""
+    _, compute_s, sid = _REPLY_HEAD.unpack_from(data)
+    if sid != -1 and (seg is None or seg.sid != sid):
+        raise ValueError(f"a reply frame names segment {sid}, which this process has not mapped")
+    result, _ = _unpack(data, _address(data), _REPLY_HEAD.size, seg, copy=True)
     return compute_s, result

@@ -3,17 +3,18 @@
 Data flow of one call::
 
     caller (any thread or loop)
-      | submit(): pickle module ref + args now (an unpicklable input fails here,
-      |           before a worker is reserved); large tensors are only recorded
+      | submit(): encode module ref + args now: a binary frame for plain
+      |           tensors (_frames), else a pickle (an unpicklable input fails
+      |           here, before a worker is reserved); large tensors are recorded
       v
     PoolCore: FIFO queue / idle worker -----------------------------.
       | ProcessWorker.run(): copy the large tensors into that        |
-      |   worker's warm request segment (a memfd), send a CallMsg    |
-      |   on its pipe (+ descriptors of segments new to it)          |
+      |   worker's warm request segment (a memfd), send the frame    |
+      |   or a CallMsg on its pipe (+ descriptors of new segments)   |
       v                                                              |
     worker process (_worker.py): map segments (zero-copy views),     |
       module(*args) under inference_mode; large outputs into its     |
-      own warm response segment; an Ok message on the pipe           |
+      own warm response segment; a reply frame or an Ok message      |
       v                                                              |
     the awaiting task's event loop (a call awaited at once on        |
       asyncio or uvloop: its add_reader on the pipe, kept from call  |
@@ -503,11 +504,15 @@ class ProcessBackend(Backend):
 
     def prepare(self, c: Call) -> Any:
         key, ref = self.shipper.reference(c.module)
+        box: tr.Outbox | None
         if ref[0] == "m" and not c.kwargs:
-            # The common small call: its tensors in a binary frame, no pickle (see _frames).
-            args = fr.encode_small(c.args, self.inline_bytes)
-            if args is not None:
-                return (key, ref, args, None)
+            # The common call: its tensors in a binary frame, no pickle (see _frames).
+            framed = fr.encode_small(c.args, self.inline_bytes)
+            if framed is not None:
+                args, box = framed
+                if box is not None:
+                    self._check_room(box.big_bytes())
+                return (key, ref, args, box, True)
         box = tr.Outbox(self.inline_bytes)
         # A shipped module's reference is a few ints and a name: it travels in the CallMsg,
         # outside the body, whose pickler calls back into Python for every object it holds.
@@ -531,15 +536,17 @@ class ProcessBackend(Backend):
                 f"{what} {c.name} cannot be sent to a worker process: "
                 f"{type(exc).__name__}: {exc}{hint}"
             ) from exc
-        need = box.big_bytes()
+        self._check_room(box.big_bytes())
+        return (key, head, body, box, False)
+
+    def _check_room(self, need: int) -> None:
+        """Fail here, in submit, when the tensors cannot be placed. Only for a size not seen
+        before: segments are reused, and the check reads /proc/meminfo, which cost more than
+        the rest of a call. (A segment that cannot be made later still fails its call with
+        the same error: see Segment.create.)"""
         if need > self._room_checked:
-            # Fail here, in submit, when the tensors cannot be placed. Only for a size not
-            # seen before: segments are reused, and the check reads /proc/meminfo, which
-            # cost more than the rest of a call. (A segment that cannot be made later still
-            # fails its call with the same error: see Segment.create.)
             tr.check_room(need, self.shm_limit, self.memfd)
             self._room_checked = need
-        return (key, head, body, box)
 
     def unshipped(self, fn: Any) -> bool:
         return self.shipper.unshipped(fn)
@@ -547,32 +554,35 @@ class ProcessBackend(Backend):
     def send_call(self, w: ProcessWorker, item: WorkItem) -> None:
         """Copy ``item``'s inputs into ``w``'s request segment and send it (one call at a time
         per worker, so no lock: the core reserved ``w`` for ``item``)."""
-        key, head, body, box = item.payload
+        key, head, body, box, binary = item.payload
         t0 = time.perf_counter()
+        new: list[tr.Segment] = []
+        table: list[tuple[int, str, tuple[int, ...]]] = []
+        request = None
+        if box is not None and box.big:
+            old = w.req_seg
+            w.req_seg = tr.ensure_segment(
+                old, f"{self.prefix}w{w.wid}_in", box.big_bytes(), self.memfd
+            )
+            if w.req_seg is not old:
+                new.append(w.req_seg)
+            table = box.write(w.req_seg)
+            request = w.req_seg.sid
         if (
-            box is None
+            binary
+            and not new
             and item.stream is None
             and key in w.modules
             and not w.drops
             and w.control is not None
         ):
-            # The per-call path: a frame to a worker that holds the module (a concurrent
-            # release adds to w.drops; it is sent with the next call, as below).
+            # The per-call path: a frame to a worker that holds the module and has mapped
+            # the request segment (a concurrent release adds to w.drops; it is sent with
+            # the next call, as below).
             self._send(w, fr.call_frame(item.seq, key, body))
             item.transfer_s = time.perf_counter() - t0
             item.release_inputs()
             return
-        new: list[tr.Segment] = []
-        table: list[tuple[int, str, tuple[int, ...]]] = []
-        request = None
-        need = box.big_bytes() if box is not None else 0
-        if need:
-            old = w.req_seg
-            w.req_seg = tr.ensure_segment(old, f"{self.prefix}w{w.wid}_in", need, self.memfd)
-            if w.req_seg is not old:
-                new.append(w.req_seg)
-            table = box.write(w.req_seg)
-            request = w.req_seg.sid
         load, weights, drops = self.shipper.for_worker(w, key, item.name)
         if weights is not None and weights.sid not in w.known:
             new.append(weights)
@@ -599,7 +609,7 @@ class ProcessBackend(Backend):
             stream,
             control,
             head,
-            box is None,
+            binary,
         )
         data = pickle.dumps(msg, protocol=5)
         item.release_inputs()  # the inputs are copied: drop our references to them

@@ -299,8 +299,11 @@ class Supervisor:
         """Act on one message from ``w`` (read by this thread, or under ``w.read_lock`` by the
         event loop of the task that awaits the call: ``in_loop``); return whether it ended the
         call, or handed its end to this thread."""
-        if data[0] == fr.REPLY:  # a small tensor result, in a frame of its own
-            self._on_reply(w, data)
+        if data[0] == fr.REPLY:  # a tensor result, in a frame of its own
+            if in_loop and fr.reply_shared_bytes(data) >= LOOP_COPY_MAX:
+                self.call_soon(w, lambda: self._on_reply_locked(w, data))  # copied here
+            else:
+                self._on_reply(w, data)
             return True
         msg = pickle.loads(data)
         if isinstance(msg, Ready):
@@ -324,7 +327,7 @@ class Supervisor:
             return True
         return False
 
-    def _on_reply_locked(self, w: ProcessWorker, msg: Ok) -> None:
+    def _on_reply_locked(self, w: ProcessWorker, msg: Ok | bytes) -> None:
         with w.read_lock:
             self._on_reply(w, msg)
 
@@ -344,7 +347,7 @@ class Supervisor:
         compute_s = 0.0
         if isinstance(msg, bytes):  # a reply frame
             try:
-                compute_s, result = fr.read_reply(msg)
+                compute_s, result = fr.read_reply(msg, w.out_seg)
             except Exception as e:  # cannot happen; fail the call rather than hang it
                 exc = SerializationError(f"the result of {item.name} could not be read: {e}")
         elif isinstance(msg, Ok):

@@ -360,6 +360,14 @@ class Outbox:
     def __init__(self, inline_bytes: int = INLINE_BYTES) -> None:
         self.inline_bytes = inline_bytes
         self.big: list[torch.Tensor] = []
+        self._end = 0  # where the next large tensor goes in the segment
+
+    def add(self, t: torch.Tensor) -> int:
+        """Keep ``t`` aside to copy into shared memory; return the offset it will have there."""
+        at = self._end
+        self.big.append(t.detach())
+        self._end += _round(t.numel() * t.element_size())
+        return at
 
     def dumps(self, obj: Any) -> bytes:
         f = io.BytesIO()
@@ -375,11 +383,11 @@ class Outbox:
         nbytes = t.numel() * t.element_size()
         if nbytes <= self.inline_bytes:
             return ("i", _dtype_name(t.dtype), tuple(t.shape), as_bytes(t))
-        self.big.append(t)
+        self.add(t)
         return ("s", len(self.big) - 1)
 
     def big_bytes(self) -> int:
-        return sum(_round(t.numel() * t.element_size()) for t in self.big)
+        return self._end
 
     def write(self, seg: Segment) -> list[tuple[int, str, tuple[int, ...]]]:
         """Copy the large tensors into ``seg``; return their (offset, dtype, shape) table."""

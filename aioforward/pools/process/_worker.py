@@ -122,8 +122,11 @@ class _Server:
         while True:
             try:
                 data = recv_message(fd)
-                if data[0] == fr.CALL:  # the common small call, in a frame of its own
-                    seq, key, args = fr.read_call(data)
+                if data[0] == fr.CALL:  # the common call, in a frame of its own
+                    sid = self.request_sid
+                    seq, key, args = fr.read_call(
+                        data, self.segments[sid] if sid is not None else None
+                    )
                     del data  # not kept alive while the call runs
                     self._framed(seq, key, args)
                     continue
@@ -208,7 +211,7 @@ class _Server:
             if framed is not None or msg.binary:  # a shipped module's ref, tensors alone
                 assert msg.ref is not None
                 ref, kwargs = msg.ref, {}
-                args = framed if framed is not None else fr.read_args(msg.body)
+                args = framed if framed is not None else fr.read_args(msg.body, 0, seg)
                 framed = None
             elif msg.ref is not None:
                 ref = msg.ref
@@ -238,9 +241,10 @@ class _Server:
         self._reply(out, time.perf_counter() - t0)  # a stream's end: an Ok of None
 
     def _reply(self, out: Any, compute: float) -> None:
-        """Send a call's result: a reply frame for a small tensor, else an ``Ok`` (large
-        tensors in this worker's response segment)."""
-        data = fr.reply_frame(compute, out, self.opts.inline_bytes)
+        """Send a call's result: a reply frame for a plain tensor (a large one in this
+        worker's response segment, once the parent has mapped one that holds it), else an
+        ``Ok`` (large tensors in that segment, made or grown first)."""
+        data = fr.reply_frame(compute, out, self.opts.inline_bytes, self.out)
         if data is not None:
             del out
             _send_bytes(self.conn, data)
