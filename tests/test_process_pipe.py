@@ -4,6 +4,7 @@ event loop's watch on a worker's pipe, kept from call to call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -244,3 +245,41 @@ async def test_run_parallel_whose_second_call_cannot_be_sent_lets_the_first_work
         with anyio.fail_after(20):
             for _ in range(3):
                 torch.testing.assert_close(await pool.forward(m, x), m(x).detach())
+
+
+def _eventfds(pid: int) -> int:
+    """How many eventfds process ``pid`` holds open."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]"
+    return n
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux's")
+@pytest.mark.anyio
+async def test_workers_sleep_on_an_eventfd_the_parent_writes_after_each_message() -> None:
+    """Each worker sleeps on an eventfd of its own between calls (the parent's writes to it
+    are not "sync" wake-ups: see _Server.serve). The parent holds one per live worker, gives
+    a replaced worker's back, and none is left after close; calls, streams, cancels and the
+    stop at close all wake the worker."""
+    before = _eventfds(os.getpid())
+    m, x = M.Tiny(), torch.randn(1, 10)
+    async with af.ProcessPool(workers=2) as pool:
+        await pool.warmup(m, example=x)
+        assert _eventfds(os.getpid()) == before + 2
+        for pid in pool.worker_pids():
+            assert _eventfds(pid) == 1
+        for _ in range(20):
+            with anyio.fail_after(20):
+                await pool.run_parallel(m, m, x)
+                got = [y async for y in pool.stream(M.count_slowly, 30, 0.0, buffer=2)]
+                assert got == list(range(30))
+        os.kill(pool.worker_pids()[0], 9)
+        with anyio.fail_after(60):
+            while len(pool.worker_pids()) < 2 or pool.stats().restarts < 1:
+                await anyio.sleep(0.05)
+            await pool.wait_ready(60)
+        await pool.forward(m, x)
+        assert _eventfds(os.getpid()) == before + 2
+    assert _eventfds(os.getpid()) == before

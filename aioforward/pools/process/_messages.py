@@ -79,7 +79,10 @@ class Stop(NamedTuple):
 
 # ---------------------------------------------------------------- worker -> parent
 class Ready(NamedTuple):
+    """The worker is ready; ``wake``: the descriptor of its wake-up eventfd follows (Linux)."""
+
     pid: int
+    wake: bool = False
 
 
 class StartFailed(NamedTuple):

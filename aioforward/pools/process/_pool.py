@@ -139,6 +139,9 @@ class ProcessWorker(Worker):
         self.control: tr.Segment | None = None
         self.control_word: ctypes.c_int64 | None = None
         self.send_lock = threading.Lock()  # calls, stops and stream credits share the pipe
+        # The worker's eventfd (Linux): written after each message, under send_lock, which
+        # also guards its closing (a write to a closed, reused descriptor would go elsewhere).
+        self.wake_fd: int | None = None
         self.stream_error: BaseException | None = None  # a stream item the parent could not read
         # Who reads the replies (see run_awaited): None, the supervisor; or the token of the
         # task that awaits the running call and reads its reply in its own event loop.
@@ -315,6 +318,7 @@ class ProcessWorker(Worker):
                 return
             try:
                 conn.send_bytes(data)
+                self.wake()
             except OSError:
                 pass  # the worker is dying: its sentinel reports it
 
@@ -339,8 +343,25 @@ class ProcessWorker(Worker):
             try:
                 with self.send_lock:
                     self.conn.send_bytes(pickle.dumps(Stop()))
+                    self.wake()
             except OSError:
                 pass  # already gone: its sentinel reports the exit
+
+    def wake(self) -> None:
+        """Wake the worker for the message just written (under ``send_lock``): see
+        ``_Server.serve`` in ``_worker``."""
+        fd = self.wake_fd
+        if fd is not None:
+            os.eventfd_write(fd, 1)
+
+    def set_wake_fd(self, fd: int | None) -> None:
+        """Take the worker's eventfd (None: forget it, closing ours), and wake it once for
+        any message written before we had it."""
+        with self.send_lock:
+            old, self.wake_fd = self.wake_fd, fd
+            if old is not None:
+                os.close(old)
+            self.wake()
 
     def crash_error(self, item: WorkItem, code: int | None) -> WorkerCrashedError:
         if self.oom or code == OOM_EXIT:
@@ -633,6 +654,7 @@ class ProcessBackend(Backend):
                 tr.send_message(conn.fileno(), data)
                 if fds:
                     tr.send_fds(conn, fds)
+                w.wake()
         except OSError:
             pass  # the worker is dying; its sentinel fails the call
 

@@ -307,6 +307,9 @@ class Supervisor:
             return True
         msg = pickle.loads(data)
         if isinstance(msg, Ready):
+            if msg.wake:
+                assert w.conn is not None
+                w.set_wake_fd(tr.recv_fds(w.conn, 1)[0])
             w.reported_ready = True
             self._core.worker_ready(w)
         elif isinstance(msg, StartFailed):
@@ -433,6 +436,7 @@ class Supervisor:
                 w.pending_close = conn
         with contextlib.suppress(ValueError):
             proc.close()  # its sentinel descriptor
+        w.set_wake_fd(None)
         w.proc = None
         if w.req_seg is not None:
             w.req_seg.release()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -101,16 +102,19 @@ def worker_main(conn: Connection, opts: WorkerOptions) -> None:
     except BaseException:
         _send(conn, StartFailed(traceback.format_exc()))
         sys.exit(1)
-    _send(conn, Ready(os.getpid()))
-    _Server(conn, opts).serve()
+    # The parent wakes us through an eventfd after each message (see _Server.serve).
+    wake_fd = os.eventfd(0, os.EFD_CLOEXEC) if hasattr(os, "eventfd") else None
+    _send(conn, Ready(os.getpid(), wake_fd is not None), None if wake_fd is None else [wake_fd])
+    _Server(conn, opts, wake_fd).serve()
 
 
 class _Server:
     """The worker's state: modules it holds and the segments it has mapped."""
 
-    def __init__(self, conn: Connection, opts: WorkerOptions) -> None:
+    def __init__(self, conn: Connection, opts: WorkerOptions, wake_fd: int | None) -> None:
         self.conn = conn
         self.opts = opts
+        self.wake_fd = wake_fd
         self.modules: dict[Any, torch.nn.Module] = {}
         self.segments: dict[int, Segment] = {}  # parent's segments: sid -> mapping
         self.weights_of: dict[Any, int] = {}  # module key -> its weight segment sid
@@ -118,9 +122,26 @@ class _Server:
         self.out: Segment | None = None  # our own response segment
 
     def serve(self) -> None:
+        """Run the parent's messages one by one until it says stop (or is gone).
+
+        Between calls the worker sleeps on its eventfd, not on the pipe: the parent writes a
+        message, then the eventfd. A write to a Unix socket or pipe wakes its reader as a
+        "sync" wake-up, which tells the kernel the writer will sleep at once, so the reader
+        is put on the writer's core, often before the writer's own process: the parent's
+        loop sending ``run_parallel``'s second call sat behind the first worker for 2-5 ms
+        (the next balancing tick) in a quarter of the bench's rounds, while the other core
+        was idle, and so did the second worker. An eventfd's wake-up is not sync, and a
+        sleeping worker wakes on an idle core when there is one. (During a stream the
+        worker still waits on the pipe for its credits.)"""
         fd = self.conn.fileno()
+        wake_fd = self.wake_fd
+        pending = select.poll()  # is a message waiting on the pipe? (or its end)
+        pending.register(fd, select.POLLIN)
         while True:
             try:
+                if wake_fd is not None and not pending.poll(0):
+                    os.eventfd_read(wake_fd)  # a stale count returns at once: look again
+                    continue
                 data = recv_message(fd)
                 if data[0] == fr.CALL:  # the common call, in a frame of its own
                     sid = self.request_sid
