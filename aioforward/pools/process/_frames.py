@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._transport import Outbox, Segment, as_bytes, copy_into, is_plain
+from ._transport import Outbox, Segment, as_bytes, copy_into, is_plain, numel
 
 CALL = 0x01  # parent -> worker: seq, module key, then the argument tensors
 REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
@@ -108,7 +108,7 @@ def _unpack(
     if code & SHARED:
         (at,) = _SHARED_AT.unpack_from(data, off)
         off += _SHARED_AT.size
-        nbytes = _numel(shape) * dtype.itemsize
+        nbytes = numel(shape) * dtype.itemsize
         if seg is None or at < 0 or at + nbytes > seg.size:
             raise ValueError(f"a frame names {nbytes} bytes at {at} outside shared memory")
         view = seg.view(at, dtype, shape)
@@ -124,13 +124,6 @@ def _unpack(
     if nbytes:
         ctypes.memmove(t.data_ptr(), base + off, nbytes)
     return t, off + nbytes
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _buffer_address(data: bytes) -> int:
@@ -212,7 +205,7 @@ def reply_shared_bytes(data: bytes) -> int:
     if not code & SHARED:
         return 0
     shape = _SHAPES[ndim].unpack_from(data, _REPLY_HEAD.size + _TENSOR_HEAD.size)
-    return _numel(shape) * _DTYPES[code & ~SHARED].itemsize
+    return numel(shape) * _DTYPES[code & ~SHARED].itemsize
 
 
 def read_reply(data: bytes, seg: Segment | None = None) -> tuple[float, torch.Tensor]:

@@ -152,7 +152,7 @@ class Segment:
 
     def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor viewing this segment (no copy)."""
-        count = _numel(shape)
+        count = numel(shape)
         if count == 0:
             return torch.empty(shape, dtype=dtype)
         nbytes = count * dtype.itemsize
@@ -296,7 +296,8 @@ def sweep_stale() -> int:
     return swept
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def numel(shape: tuple[int, ...]) -> int:
+    """How many elements a tensor of ``shape`` holds (no tensor made)."""
     n = 1
     for s in shape:
         n *= s
@@ -326,7 +327,7 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def table_bytes(table: list[tuple[int, str, tuple[int, ...]]]) -> int:
     """The bytes of the tensors a message's ``table`` places in shared memory."""
-    return sum(_numel(shape) * _dtype(dt).itemsize for _, dt, shape in table)
+    return sum(numel(shape) * _dtype(dt).itemsize for _, dt, shape in table)
 
 
 def _round(n: int) -> int:
