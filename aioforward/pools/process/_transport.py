@@ -380,11 +380,11 @@ class Outbox:
     def _persistent_id(self, obj: Any) -> Any:
         if not isinstance(obj, torch.Tensor) or not is_plain(obj):
             return None
-        t = obj.detach()
-        nbytes = t.numel() * t.element_size()
+        nbytes = obj.numel() * obj.element_size()
         if nbytes <= self.inline_bytes:
+            t = obj.detach()
             return ("i", _dtype_name(t.dtype), tuple(t.shape), as_bytes(t))
-        self.add(t)
+        self.add(obj)  # detaches it
         return ("s", len(self.big) - 1)
 
     def big_bytes(self) -> int:

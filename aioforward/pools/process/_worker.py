@@ -140,8 +140,10 @@ class _Server:
         while True:
             try:
                 if wake_fd is not None and not pending.poll(0):
-                    os.eventfd_read(wake_fd)  # a stale count returns at once: look again
-                    continue
+                    # The message is on the pipe before the eventfd is written. A stale count
+                    # (a stream's credits, read from the pipe directly) returns at once, and
+                    # the read below then waits on the pipe itself for the next message.
+                    os.eventfd_read(wake_fd)
                 data = recv_message(fd)
                 if data[0] == fr.CALL:  # the common call, in a frame of its own
                     sid = self.request_sid
