@@ -788,13 +788,14 @@ def test_frames_are_told_from_pickles() -> None:
     assert (seq, key) == (9, (123, 4)) and torch.equal(args[0], x) and torch.equal(args[1], y)
     assert fr.encode_small((x, torch.nn.Parameter(y.float())), 1 << 16) is None  # one pickled
     assert fr.encode_small((x,) * 256, 1 << 16) is None  # a count over one byte
-    assert not fr.plain_small(torch.nn.Parameter(x), 1 << 16)  # pickled: keeps its type
-    assert not fr.plain_small(torch.randn(100), 16)  # over the inline limit: shared memory
-    assert not fr.plain_small(torch.randn(2, dtype=torch.complex64).conj(), 1 << 16)
+    assert fr.encode_small((torch.nn.Parameter(x),), 1 << 16) is None  # pickled: keeps its type
+    big = fr.encode_small((torch.randn(100),), 16)  # over the inline limit: shared memory
+    assert big is not None and big[1] is not None and big[1].big_bytes() >= 400
+    assert fr.encode_small((torch.randn(2, dtype=torch.complex64).conj(),), 1 << 16) is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "nested tensors are a prototype"
         nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
-    assert not fr.plain_small(nested, 1 << 16)  # no single shape: pickled
+    assert fr.encode_small((nested,), 1 << 16) is None  # no single shape: pickled
     reply = fr.reply_frame(0.5, y, 1 << 16)
     assert reply is not None and fr.read_reply(reply)[0] == 0.5
     assert torch.equal(fr.read_reply(reply)[1], y)
@@ -802,7 +803,7 @@ def test_frames_are_told_from_pickles() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "quantized tensors are deprecated"
         quantized = torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8)
-    assert not fr.plain_small(quantized, 1 << 16)  # its dtype is not listed: pickled
+    assert fr.encode_small((quantized,), 1 << 16) is None  # its dtype is not listed: pickled
 
 
 def test_frames_place_large_tensors_in_shared_memory() -> None:

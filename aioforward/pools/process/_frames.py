@@ -49,12 +49,6 @@ _CODES = {dt: i for i, dt in enumerate(_DTYPES)}
 _SHAPES = [struct.Struct(f"<{n}q") for n in range(256)]  # by ndim
 
 
-def plain_small(t: Any, limit: int) -> bool:
-    """Whether ``t`` can travel inline in a frame: an ordinary CPU tensor of a listed dtype,
-    at most ``limit`` bytes, with no lazy conjugate or negation."""
-    return _code(t) is not None and t.nbytes <= limit
-
-
 def _code(t: Any) -> int | None:
     """The dtype code of ``t`` if it can travel in a frame (any size), else None."""
     if type(t) is not torch.Tensor:  # a Parameter is pickled, to keep its type
