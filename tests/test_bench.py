@@ -42,6 +42,13 @@ FIGURES = {
         )
     ],
     "overhead-uvloop": ["uvloop/tiny/ThreadPool", "uvloop/tiny/ProcessPool"],
+    "overhead-alone": [
+        "alone/asyncio/tiny/pipe-floor",
+        "alone/asyncio/tiny/ProcessPool",
+        "alone/uvloop/tiny/direct",
+        "alone/uvloop/tiny/to_thread",
+        "alone/uvloop/tiny/ThreadPool",
+    ],
     "seed": ["asyncio/tiny/seed-process-per-call"],
     **{
         f"parallel-{kind}": [
@@ -153,6 +160,7 @@ def test_smoke_writes_complete_report_from_outside_the_repo(tmp_path: Path) -> N
         ("parallel-conv", "parallel-transformer"),
         ("memory",),
         ("transfer", "overhead-uvloop", "result-mode"),
+        ("overhead-alone",),
     ],
     ids=lambda only: "+".join(only),
 )
@@ -160,6 +168,15 @@ def test_every_scenario_runs(tmp_path: Path, only: tuple[str, ...]) -> None:
     proc = bench("--smoke", "--only", *only, "--out", "out", cwd=tmp_path, timeout=40)
     assert proc.returncode == 0, proc.stderr
     check_report(tmp_path / "out", only)
+
+
+def test_alone_names_an_unknown_variant() -> None:
+    import asyncio
+
+    from aioforward.bench import _alone
+
+    with pytest.raises(ValueError, match=r"variant must be one of pipe-floor, .*got 'pipe'"):
+        asyncio.run(_alone.measure("pipe", 1))
 
 
 def test_interleaved_variants_each_follow_every_other() -> None:

@@ -7,6 +7,8 @@ nothing beyond torch and the bench's models: a worker pays for no report or plot
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import multiprocessing
 import os
 import threading
@@ -19,6 +21,7 @@ from .. import _models
 from .._malloc import keep_freed_memory
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
     from multiprocessing.queues import Queue
 
 # The module a ProcessPoolExecutor worker built in its initializer (one per worker process).
@@ -245,3 +248,54 @@ def manager_run(module: torch.nn.Module, x: torch.Tensor, q: Any, tag: int) -> N
     """
     with torch.inference_mode():
         q.put((tag, module(x).numpy()))
+
+
+async def awaited(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` as a coroutine, run in the awaiting task: a direct call as a coroutine
+    without a pool makes it.
+
+    Example: ``await awaited(direct, module, x)``.
+    """
+    return fn(*args)
+
+
+@contextlib.asynccontextmanager
+async def echo_round_trip(ctx: Any, kind: str | None = None) -> AsyncIterator[Callable[[], Any]]:
+    """A spawned echo process and a round trip to it driven by the event loop (``add_reader``):
+    the floor under any process pool's round trip. ``kind``: the echo process runs that
+    module's forward pass before each answer (:func:`echo_main`)."""
+    loop = asyncio.get_running_loop()
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=echo_main, args=(child, kind), daemon=True)
+    proc.start()
+    child.close()
+    waiting: list[asyncio.Future[bytes]] = []
+
+    def readable() -> None:
+        try:
+            data = conn.recv_bytes()
+        except EOFError:  # the echo process died: stop watching, fail who waits
+            loop.remove_reader(conn.fileno())
+            while waiting:
+                waiting.pop().set_exception(EOFError("the echo process exited"))
+            return
+        if waiting:
+            waiting.pop().set_result(data)
+
+    loop.add_reader(conn.fileno(), readable)
+    payload = bytes(100)
+
+    async def round_trip() -> bytes:
+        fut: asyncio.Future[bytes] = loop.create_future()
+        waiting.append(fut)
+        conn.send_bytes(payload)
+        return await fut
+
+    try:
+        yield round_trip
+    finally:
+        loop.remove_reader(conn.fileno())
+        conn.send_bytes(b"")
+        proc.join(5)
+        conn.close()
+        proc.close()

@@ -61,6 +61,34 @@ def _thread_added(loop: str) -> Callable[[Results], list[Target]]:
     return rows
 
 
+def _alone(r: Results) -> list[Target]:
+    """The per-call rows again, each approach alone in a process of its own (``_alone``)."""
+    floor = r["alone/asyncio/tiny/pipe-floor"]["median"]
+    pp = r["alone/asyncio/tiny/ProcessPool"]
+    direct = r["alone/uvloop/tiny/direct"]["median"]
+    tp = r["alone/uvloop/tiny/ThreadPool"]
+    tt = r["alone/uvloop/tiny/to_thread"]["median"] - direct
+    where = "(where the kernel places them in a program making only these calls)"
+    return [
+        Target(
+            "ProcessPool round trip, tiny, vs the bare pipe round trip, each alone in a "
+            "process of its own (asyncio)",
+            where,
+            f"{pp['median'] / floor:.1f}x ({pp['median'] * 1e6:.0f} us, its processes "
+            f"{pp['min'] * 1e6:.0f}-{pp['max'] * 1e6:.0f} us; pipe {floor * 1e6:.0f} us)",
+            None,
+        ),
+        Target(
+            "ThreadPool added per call, tiny, each alone in a process of its own (uvloop)",
+            where,
+            f"{(tp['median'] - direct) * 1e6:.0f} us = {(tp['median'] - direct) / tt:.2f}x "
+            f"to_thread ({tt * 1e6:.0f} us); its processes "
+            f"{(tp['min'] - direct) * 1e6:.0f}-{(tp['max'] - direct) * 1e6:.0f} us",
+            None,
+        ),
+    ]
+
+
 def _process_round_trip(r: Results) -> list[Target]:
     pp = r["asyncio/tiny/ProcessPool"]["median"]
     to_process = r["asyncio/tiny/anyio.to_process"]["median"]
@@ -420,6 +448,7 @@ _TARGETS: tuple[tuple[str, tuple[str, ...], Callable[[Results], list[Target]]], 
     ("ThreadPool added per call, tiny (asyncio)", ("overhead-asyncio",), _thread_added("asyncio")),
     ("ThreadPool added per call, tiny (uvloop)", ("overhead-uvloop",), _thread_added("uvloop")),
     ("ProcessPool round trip, tiny (asyncio)", ("overhead-asyncio",), _process_round_trip),
+    ("per-call cost, each approach alone", ("overhead-alone",), _alone),
     ("seed approach / ProcessPool per call", ("seed", "overhead-asyncio"), _seed),
     ("run_parallel 2 x mlp", ("parallel-mlp",), _parallel("mlp")),
     ("run_parallel 2 x conv", ("parallel-conv",), _parallel("conv")),

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import gc
 import multiprocessing
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,6 +26,7 @@ from .._cpus import usable_cpus
 from ..batching import Batcher
 from ..pools.process import ProcessPool
 from ..pools.thread import ThreadPool
+from . import _alone
 from . import _alternatives as alt
 from ._measure import (
     Measured,
@@ -40,17 +41,13 @@ from ._measure import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Coroutine
+    from collections.abc import Callable, Coroutine
 
     from ..pools._base import Pool
 
 # The bare processes' common start, this far ahead: time for the executor to hand each its
 # call (about 2 ms here), so that both start together.
 LIMIT_LEAD_S = 0.02
-
-
-async def _async(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
 
 
 async def overhead(run: Run, loop_name: str) -> None:
@@ -66,8 +63,8 @@ async def overhead(run: Run, loop_name: str) -> None:
     async with (
         ThreadPool(workers=2) as tp,
         ProcessPool(workers=2) as pp,
-        _echo(spawn) as pipe,
-        _echo(spawn, "tiny") as pipe_forward,
+        alt.echo_round_trip(spawn) as pipe,
+        alt.echo_round_trip(spawn, "tiny") as pipe_forward,
     ):
         await pp.warmup(m, example=x)
         with concurrent.futures.ProcessPoolExecutor(
@@ -79,7 +76,7 @@ async def overhead(run: Run, loop_name: str) -> None:
                 {
                     p + "pipe-floor": (pipe, 1),
                     p + "pipe+forward": (pipe_forward, 1),
-                    p + "direct": (lambda: _async(alt.direct, m, x), 1),
+                    p + "direct": (lambda: alt.awaited(alt.direct, m, x), 1),
                     p + "to_thread": (lambda: asyncio.to_thread(alt.direct, m, x), 1),
                     p + "ThreadPool": (lambda: tp.forward(m, x), 1),
                     p + "ProcessPool": (lambda: pp.forward(m, x), 1),
@@ -94,46 +91,36 @@ async def overhead(run: Run, loop_name: str) -> None:
             )
 
 
-@contextlib.asynccontextmanager
-async def _echo(ctx: Any, kind: str | None = None) -> AsyncIterator[Callable[[], Any]]:
-    """A spawned echo process and a round trip to it driven by the event loop (``add_reader``):
-    the floor under any process pool's round trip. ``kind``: the echo process runs that
-    module's forward pass before each answer (:func:`alt.echo_main`)."""
-    loop = asyncio.get_running_loop()
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=alt.echo_main, args=(child, kind), daemon=True)
-    proc.start()
-    child.close()
-    waiting: list[asyncio.Future[bytes]] = []
+async def overhead_alone(run: Run) -> None:
+    """Per-call cost of a tiny module with each approach alone in a fresh process (see
+    ``_alone``), the processes run one after another in rounds, each round starting one
+    variant further on.
 
-    def readable() -> None:
-        try:
-            data = conn.recv_bytes()
-        except EOFError:  # the echo process died: stop watching, fail who waits
-            loop.remove_reader(conn.fileno())
-            while waiting:
-                waiting.pop().set_exception(EOFError("the echo process exited"))
-            return
-        if waiting:
-            waiting.pop().set_result(data)
-
-    loop.add_reader(conn.fileno(), readable)
-    payload = bytes(100)
-
-    async def round_trip() -> bytes:
-        fut: asyncio.Future[bytes] = loop.create_future()
-        waiting.append(fut)
-        conn.send_bytes(payload)
-        return await fut
-
-    try:
-        yield round_trip
-    finally:
-        loop.remove_reader(conn.fileno())
-        conn.send_bytes(b"")
-        proc.join(5)
-        conn.close()
-        proc.close()
+    Example: ``asyncio.run(overhead_alone(Run("smoke")))``.
+    """
+    rounds, calls = run.n(3, 2, 1), run.n(3000, 1000, 300)
+    variants = list(_alone.VARIANTS.items())
+    samples: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for turn in range(rounds):
+        shift = turn % len(variants)
+        for name, loop in variants[shift:] + variants[:shift]:
+            if sys.platform == "win32":
+                loop = "asyncio"  # noqa: PLW2901 - no uvloop there
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "aioforward.bench._alone",
+                name,
+                loop,
+                str(calls),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"the {name} process of overhead-alone exited {proc.returncode}")
+            samples[name].append(float(out.decode().strip().splitlines()[-1]))
+    for name, loop in variants:
+        record(run, f"alone/{loop}/tiny/{name}", samples[name])
 
 
 async def seed(run: Run) -> None:
@@ -235,7 +222,7 @@ async def parallel(run: Run, kind: str) -> None:
                     f"{kind}/bare-two-processes": (lambda: bare_run(2, 1), 1),
                     # the same with two plain threads of this process: what a thread pool
                     # can reach here (threads share caches and memory; processes do not)
-                    f"{kind}/bare-two-threads": (lambda: _async(threads.pair), 1),
+                    f"{kind}/bare-two-threads": (lambda: alt.awaited(threads.pair), 1),
                     f"{kind}/serial-1-thread": (serial, 1),
                     f"{kind}/direct-default-threads": (serial, cpus),
                     f"{kind}/ThreadPool": (lambda: tp.run_parallel(m1, m2, x), 1),
@@ -488,7 +475,7 @@ async def batching(run: Run) -> None:
         run,
         {
             "batch/limit/singles": (singles, 1),
-            "batch/limit/one-batch": (lambda: _async(alt.direct, m, x_batch), 1),
+            "batch/limit/one-batch": (lambda: alt.awaited(alt.direct, m, x_batch), 1),
         },
         run.n(15, 5, 2),
     )
@@ -595,7 +582,7 @@ async def result_mode(run: Run) -> None:
                 return m(x)
 
         def step(mode: Callable[[], Any]) -> Callable[[], Coroutine[Any, Any, Any]]:
-            return functools.partial(_async, under, mode)
+            return functools.partial(alt.awaited, under, mode)
 
         await interleaved(
             run,
@@ -729,8 +716,8 @@ async def cancelling(run: Run) -> None:
         await interleaved(
             run,
             {
-                f"checks/{kind}/off": (functools.partial(_async, under, plain_cls), 1),
-                f"checks/{kind}/on": (functools.partial(_async, under, checked_cls), 1),
+                f"checks/{kind}/off": (functools.partial(alt.awaited, under, plain_cls), 1),
+                f"checks/{kind}/on": (functools.partial(alt.awaited, under, checked_cls), 1),
             },
             max(1, reps // 2),
             block=2,
@@ -777,6 +764,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "overhead-uvloop", "per-call cost, tiny module, uvloop", _on(overhead, "uvloop"), "uvloop"
     ),
+    Scenario("overhead-alone", "per-call cost, tiny module, each approach alone", overhead_alone),
 )
 NAMES: tuple[str, ...] = tuple(s.name for s in SCENARIOS)
 # The representative figures (per call against every alternative, run_parallel with loop lag,
