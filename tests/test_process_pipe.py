@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import anyio
 import pytest
@@ -254,6 +255,53 @@ def _eventfds(pid: int) -> int:
         with contextlib.suppress(OSError):
             n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]"
     return n
+
+
+def _waits_on(pid: int) -> int | None:
+    """The descriptor process ``pid`` is blocked reading (the first argument of the system
+    call it sleeps in), or None while it runs."""
+    fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    if len(fields) < 2 or fields[0] == "running":
+        return None
+    return int(fields[1], 16)
+
+
+def _eventfd_of(pid: int) -> int:
+    (fd,) = [
+        int(fd)
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]"
+    ]
+    return fd
+
+
+@pytest.mark.skipif(not Path("/proc/self/syscall").exists(), reason="needs /proc/PID/syscall")
+@pytest.mark.anyio
+async def test_idle_workers_wait_on_their_eventfd_after_stale_counts() -> None:
+    """A stream's credits reach the worker while it runs, and each leaves a count on its
+    eventfd that no wait took: afterwards the idle workers still sleep on their eventfds,
+    not on their pipes (a worker that read its pipe after a stale count would wait there
+    ever after, each message's own count going stale in turn)."""
+    m, x = M.Tiny(), torch.randn(1, 10)
+    async with af.ProcessPool(workers=2) as pool:
+        await pool.warmup(m, example=x)
+        with anyio.fail_after(30):
+            for _ in range(3):
+                assert [y async for y in pool.stream(M.count_slowly, 20, 0.0, buffer=2)] == (
+                    list(range(20))
+                )
+                await pool.run_parallel(m, m, x)
+            for _ in range(10):
+                await pool.forward(m, x)
+            pids = pool.worker_pids()
+            want = {pid: _eventfd_of(pid) for pid in pids}
+            got: dict[int, int | None] = {}
+            while True:  # until both sleep (a woken worker reads "running")
+                got = {pid: _waits_on(pid) for pid in pids}
+                if None not in got.values():
+                    break
+                await anyio.sleep(0.01)
+        assert got == want
 
 
 @pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux's")

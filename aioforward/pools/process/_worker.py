@@ -141,9 +141,13 @@ class _Server:
             try:
                 if wake_fd is not None and not pending.poll(0):
                     # The message is on the pipe before the eventfd is written. A stale count
-                    # (a stream's credits, read from the pipe directly) returns at once, and
-                    # the read below then waits on the pipe itself for the next message.
+                    # (left by messages read without waiting: a stream's credits, a call sent
+                    # while the last one's reply went out) returns at once: look again. (Read
+                    # on instead, the worker would wait on the pipe, and the eventfd written
+                    # after that message would leave a stale count for the next wait: every
+                    # wait after the first stale count would be on the pipe.)
                     os.eventfd_read(wake_fd)
+                    continue
                 data = recv_message(fd)
                 if data[0] == fr.CALL:  # the common call, in a frame of its own
                     sid = self.request_sid
