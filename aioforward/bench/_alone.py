@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import statistics
 import sys
-import time
-from typing import TYPE_CHECKING, Any
 
 from .. import _models
 from ..pools.process import ProcessPool
 from ..pools.thread import ThreadPool
 from . import _alternatives as alt
-
-if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+from ._measure import Run, Step, rounds
 
 VARIANTS: dict[str, str] = {  # variant -> the event loop it runs on
     "pipe-floor": "asyncio",
@@ -35,15 +30,8 @@ VARIANTS: dict[str, str] = {  # variant -> the event loop it runs on
 WARMUP = 300
 
 
-async def _time(step: Callable[[], Coroutine[Any, Any, Any]], calls: int) -> float:
-    for _ in range(WARMUP):
-        await step()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        await step()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+async def _time(step: Step, calls: int) -> float:
+    return await rounds(Run("full"), "alone", step, calls, warmup=WARMUP)
 
 
 async def measure(variant: str, calls: int) -> float:
