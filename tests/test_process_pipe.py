@@ -248,13 +248,19 @@ async def test_run_parallel_whose_second_call_cannot_be_sent_lets_the_first_work
                 torch.testing.assert_close(await pool.forward(m, x), m(x).detach())
 
 
-def _eventfds(pid: int) -> int:
-    """How many eventfds process ``pid`` holds open."""
-    n = 0
+def _eventfd_fds(pid: int) -> list[int]:
+    """The eventfds process ``pid`` holds open."""
+    found = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
-            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]"
-    return n
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]":
+                found.append(int(fd))
+    return found
+
+
+def _eventfds(pid: int) -> int:
+    """How many eventfds process ``pid`` holds open."""
+    return len(_eventfd_fds(pid))
 
 
 def _waits_on(pid: int) -> int | None:
@@ -267,11 +273,7 @@ def _waits_on(pid: int) -> int | None:
 
 
 def _eventfd_of(pid: int) -> int:
-    (fd,) = [
-        int(fd)
-        for fd in os.listdir(f"/proc/{pid}/fd")
-        if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]"
-    ]
+    (fd,) = _eventfd_fds(pid)
     return fd
 
 

@@ -309,18 +309,24 @@ class ProcessWorker(Worker):
         if item.stream is not None:
             self.send_ctl(StreamCtl(item.seq, cancel=True))  # wakes it if it waits for credit
 
-    def send_ctl(self, msg: StreamCtl) -> None:
-        """A word about a running stream (credits, a freed segment, a cancel), any thread."""
-        data = pickle.dumps(msg)
+    def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        """Send a message (and descriptors after it) on the worker's pipe and wake it: the
+        one way messages reach a worker (calls, stream words, the stop), any thread."""
         with self.send_lock:
             conn = self.conn
             if conn is None:
-                return
+                return  # the worker died and was reaped: worker_lost failed its call
             try:
-                conn.send_bytes(data)
+                tr.send_message(conn.fileno(), data)
+                if fds:
+                    tr.send_fds(conn, fds)
                 self.wake()
             except OSError:
                 pass  # the worker is dying: its sentinel reports it
+
+    def send_ctl(self, msg: StreamCtl) -> None:
+        """A word about a running stream (credits, a freed segment, a cancel), any thread."""
+        self.send(pickle.dumps(msg))
 
     def interrupt(self, item: WorkItem) -> bool:
         proc = self.proc
@@ -340,12 +346,7 @@ class ProcessWorker(Worker):
         """Called by the supervisor, under its lock, once the process exists."""
         if self.conn is not None and not self.stop_sent:
             self.stop_sent = True
-            try:
-                with self.send_lock:
-                    self.conn.send_bytes(pickle.dumps(Stop()))
-                    self.wake()
-            except OSError:
-                pass  # already gone: its sentinel reports the exit
+            self.send(pickle.dumps(Stop()))  # if it is already gone, its sentinel says so
 
     def wake(self) -> None:
         """Wake the worker for the message just written (under ``send_lock``): see
@@ -600,7 +601,7 @@ class ProcessBackend(Backend):
             # The per-call path: a frame to a worker that holds the module and has mapped
             # the request segment (a concurrent release adds to w.drops; it is sent with
             # the next call, as below).
-            self._send(w, fr.call_frame(item.seq, key, body))
+            w.send(fr.call_frame(item.seq, key, body))
             item.transfer_s = time.perf_counter() - t0
             item.release_inputs()
             return
@@ -635,28 +636,13 @@ class ProcessBackend(Backend):
         data = pickle.dumps(msg, protocol=5)
         item.release_inputs()  # the inputs are copied: drop our references to them
         item.transfer_s = time.perf_counter() - t0
-        self._send(w, data, [s.fd for s in new if s.fd is not None] if self.memfd else [])
+        w.send(data, [s.fd for s in new if s.fd is not None] if self.memfd else [])
         for s in new:
             w.known.add(s.sid)
         if w.req_seg is not None and w.req_seg in new:
             w.req_seg.close_fd()  # the worker has its own descriptor now
         if control is not None:
             w.control.close_fd()
-
-    @staticmethod
-    def _send(w: ProcessWorker, data: bytes, fds: list[int] | None = None) -> None:
-        """Send a message (and descriptors after it) on ``w``'s pipe."""
-        conn = w.conn
-        if conn is None:
-            return  # the worker died and was reaped: worker_lost failed the call
-        try:
-            with w.send_lock:
-                tr.send_message(conn.fileno(), data)
-                if fds:
-                    tr.send_fds(conn, fds)
-                w.wake()
-        except OSError:
-            pass  # the worker is dying; its sentinel fails the call
 
     def reload(self, module: torch.nn.Module) -> None:
         self.shipper.reload(module)
