@@ -333,3 +333,57 @@ async def test_workers_sleep_on_an_eventfd_the_parent_writes_after_each_message(
         await pool.forward(m, x)
         assert _eventfds(os.getpid()) == before + 2
     assert _eventfds(os.getpid()) == before
+
+
+def _sleeps(pid: int) -> int:
+    """How many times the main thread of process ``pid`` has slept (blocked in a wait)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/{pid}/status has no voluntary_ctxt_switches")
+
+
+def _cpu_s(pid: int) -> float:
+    """The CPU time process ``pid`` has used, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux's")
+@pytest.mark.anyio
+async def test_a_call_sent_right_after_the_last_reaches_a_worker_awake() -> None:
+    """An idle worker looks at its pipe for a moment before it sleeps on its eventfd
+    (_worker._spin): calls awaited one after another mostly reach it awake. Asleep between
+    calls, it would sleep once per call."""
+    m, x = M.Tiny(), torch.randn(1, 10)
+    calls = 300
+    async with af.ProcessPool(workers=1) as pool:
+        await pool.warmup(m, example=x)
+        (pid,) = pool.worker_pids()
+        with anyio.fail_after(30):
+            for _ in range(50):
+                await pool.forward(m, x)
+            before = _sleeps(pid)
+            for _ in range(calls):
+                await pool.forward(m, x)
+            slept = _sleeps(pid) - before
+    assert slept < calls // 2, f"the worker slept {slept} times in {calls} calls"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc/PID/stat")
+@pytest.mark.anyio
+async def test_an_idle_worker_stops_looking_for_calls_and_sleeps() -> None:
+    """The look for the next call is brief: once the calls stop, the workers use no CPU."""
+    m, x = M.Tiny(), torch.randn(1, 10)
+    async with af.ProcessPool(workers=2) as pool:
+        await pool.warmup(m, example=x)
+        with anyio.fail_after(30):
+            for _ in range(200):
+                await pool.run_parallel(m, m, x)
+            await anyio.sleep(0.05)
+            before = {pid: _cpu_s(pid) for pid in pool.worker_pids()}
+            await anyio.sleep(0.5)
+            used = {pid: _cpu_s(pid) - t for pid, t in before.items()}
+    # The parent-watch thread wakes 2 times in 0.5 s; a worker that kept spinning would use
+    # the whole 0.5 s. A clock tick is 10 ms.
+    assert all(t <= 0.05 for t in used.values()), used
