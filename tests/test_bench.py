@@ -167,6 +167,7 @@ def test_smoke_writes_complete_report_from_outside_the_repo(tmp_path: Path) -> N
 def test_every_scenario_runs(tmp_path: Path, only: tuple[str, ...]) -> None:
     proc = bench("--smoke", "--only", *only, "--out", "out", cwd=tmp_path, timeout=40)
     assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr  # nor in the processes it starts
     check_report(tmp_path / "out", only)
 
 

@@ -1,8 +1,8 @@
 """One approach's per-call cost for a tiny module, in a process that does nothing else.
 
-``python -m aioforward.bench._alone VARIANT LOOP CALLS`` prints the median seconds per call
-of ``CALLS`` calls after a warm-up; the ``overhead-alone`` scenario runs it once per variant
-per round. In one process with every approach open (``overhead``), the kernel places each
+``main([VARIANT, LOOP, CALLS])`` prints the median seconds per call of ``CALLS`` calls after
+a warm-up; the ``overhead-alone`` scenario runs it in a fresh process once per variant per
+round. In one process with every approach open (``overhead``), the kernel places each
 approach's threads and processes beside what the others left behind; alone, an approach gets
 the placement a program that makes only these calls gets, and on a 2-vCPU machine that moved
 a thread hop between 34 and 102 us per call.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import sys
 
 from .. import _models
 from ..pools.process import ProcessPool
@@ -58,6 +57,10 @@ async def measure(variant: str, calls: int) -> float:
 
 
 def main(argv: list[str]) -> None:
+    """Print the median seconds per call of one variant on one loop.
+
+    Example: ``main(["ThreadPool", "uvloop", "1000"])``.
+    """
     variant, loop, calls = argv[0], argv[1], int(argv[2])
     if loop == "uvloop":
         import uvloop
@@ -66,7 +69,3 @@ def main(argv: list[str]) -> None:
     else:
         median = asyncio.run(measure(variant, calls))
     print(repr(median))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -91,6 +91,11 @@ async def overhead(run: Run, loop_name: str) -> None:
             )
 
 
+# Not ``-m aioforward.bench._alone``: the package imports _alone (through _scenarios) before
+# runpy runs it as __main__, which warns (RuntimeWarning) in every process.
+_ALONE_MAIN = "import sys; from aioforward.bench import _alone; _alone.main(sys.argv[1:])"
+
+
 async def overhead_alone(run: Run) -> None:
     """Per-call cost of a tiny module with each approach alone in a fresh process (see
     ``_alone``), the processes run one after another in rounds, each round starting one
@@ -108,8 +113,8 @@ async def overhead_alone(run: Run) -> None:
                 loop = "asyncio"  # noqa: PLW2901 - no uvloop there
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-m",
-                "aioforward.bench._alone",
+                "-c",
+                _ALONE_MAIN,
                 name,
                 loop,
                 str(calls),
