@@ -375,3 +375,12 @@ def test_ray_rows_are_skipped_without_ray(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(Skip, match=r"^ray is not installed \(pip install 'aioforward\[ray\]'\)$"):
         asyncio.run(ray_actors(Run("smoke")))
+
+
+def test_a_ratio_that_rounds_to_its_target_shows_one_digit_more() -> None:
+    """0.946 must not read "0.95x" in a row judged against ">= 0.95x"."""
+    assert _report._x(0.946, 0.95) == "0.946x"
+    assert _report._x(0.95, 0.95) == "0.95x"
+    assert _report._x(0.96, 0.95) == "0.96x"
+    assert _report._x(3.04, 3, 1) == "3.04x"
+    assert _report._x(3.4, 3, 1) == "3.4x"
