@@ -71,6 +71,20 @@ class Sleep(nn.Module):
         return torch.tensor(os.getpid())
 
 
+class Busy(nn.Module):
+    """Keeps its core busy for ``seconds`` without sleeping, then returns ``x``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+        return x
+
+
 class Pid(nn.Module):
     def forward(self, x: Any = None) -> int:
         return os.getpid()

@@ -352,9 +352,9 @@ def _cpu_s(pid: int) -> float:
 @pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux's")
 @pytest.mark.anyio
 async def test_a_call_sent_right_after_the_last_reaches_a_worker_awake() -> None:
-    """An idle worker looks at its pipe for a moment before it sleeps on its eventfd
-    (_worker._spin): calls awaited one after another mostly reach it awake. Asleep between
-    calls, it would sleep once per call."""
+    """After a short call an idle worker looks at its pipe for a moment before it sleeps on
+    its eventfd (_worker._spin): calls awaited one after another mostly reach it awake.
+    Asleep between calls, it would sleep once per call."""
     m, x = M.Tiny(), torch.randn(1, 10)
     calls = 300
     async with af.ProcessPool(workers=1) as pool:
@@ -368,6 +368,26 @@ async def test_a_call_sent_right_after_the_last_reaches_a_worker_awake() -> None
                 await pool.forward(m, x)
             slept = _sleeps(pid) - before
     assert slept < calls // 2, f"the worker slept {slept} times in {calls} calls"
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux's")
+@pytest.mark.anyio
+async def test_after_a_long_call_a_worker_sleeps_at_once() -> None:
+    """A call of 0.5 ms or more pays its wake-up in a small part of its time, and a worker
+    looking for the next call would count as load on its core: after one, it sleeps at once
+    (each call of a module that keeps its core busy for 2 ms reaches it asleep)."""
+    m, x = M.Busy(0.002), torch.randn(1, 10)
+    calls = 100
+    async with af.ProcessPool(workers=1) as pool:
+        await pool.warmup(m, example=x)
+        (pid,) = pool.worker_pids()
+        with anyio.fail_after(30):
+            await pool.forward(m, x)
+            before = _sleeps(pid)
+            for _ in range(calls):
+                await pool.forward(m, x)
+            slept = _sleeps(pid) - before
+    assert slept >= calls * 0.8, f"the worker slept {slept} times in {calls} calls"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc/PID/stat")

@@ -110,6 +110,8 @@ def worker_main(conn: Connection, opts: WorkerOptions) -> None:
 
 SPIN_S = 200e-6
 """How long an idle worker looks for its next message before it sleeps (see :func:`_spin`)."""
+SPIN_AFTER_S = 500e-6
+"""An idle worker looks for its next message only after a call that computed for less."""
 
 
 def _spin(pending: select.poll) -> bool:
@@ -121,8 +123,12 @@ def _spin(pending: select.poll) -> bool:
     parent an eventfd write that wakes another core (8 us of the parent's time on this
     VM's 2 vCPUs, and the wake-up's latency besides): a tiny module's round trip, alone
     in a program, took 100 us asleep and 69 us with this look. Each pass yields the core
-    to any other task waiting for it, so the look only takes time nobody else wants, and
-    at most ``SPIN_S`` after each call."""
+    to any other task waiting for it there, and the look ends after ``SPIN_S``.
+
+    Only after a short call (``SPIN_AFTER_S``): a call of 0.5 ms or more pays its wake-up
+    in under a tenth of its time, and a looking worker counts as load, so the kernel does
+    not move a task waiting on the other core to its core: looking after the Batcher's
+    batches cost its throughput 4% here."""
     end = time.perf_counter() + SPIN_S
     while time.perf_counter() < end:
         os.sched_yield()
@@ -143,6 +149,7 @@ class _Server:
         self.weights_of: dict[Any, int] = {}  # module key -> its weight segment sid
         self.request_sid: int | None = None  # the parent's current request segment
         self.out: Segment | None = None  # our own response segment
+        self.spin = False  # the last call was short: look for the next before sleeping
 
     def serve(self) -> None:
         """Run the parent's messages one by one until it says stop (or is gone).
@@ -154,17 +161,21 @@ class _Server:
         loop sending ``run_parallel``'s second call sat behind the first worker for 2-5 ms
         (the next balancing tick) in a quarter of the bench's rounds, while the other core
         was idle, and so did the second worker. An eventfd's wake-up is not sync, and a
-        sleeping worker wakes on an idle core when there is one. Before it sleeps, an idle
-        worker looks at its pipe for a moment (:func:`_spin`): a call sent meanwhile needs
-        no wake-up at all. (During a stream the worker still waits on the pipe for its
-        credits.)"""
+        sleeping worker wakes on an idle core when there is one. After a short call, before
+        it sleeps, an idle worker looks at its pipe for a moment (:func:`_spin`): a call
+        sent meanwhile needs no wake-up at all. (During a stream the worker still waits on
+        the pipe for its credits.)"""
         fd = self.conn.fileno()
         wake_fd = self.wake_fd
         pending = select.poll()  # is a message waiting on the pipe? (or its end)
         pending.register(fd, select.POLLIN)
         while True:
             try:
-                if wake_fd is not None and not pending.poll(0) and not _spin(pending):
+                if (
+                    wake_fd is not None
+                    and not pending.poll(0)
+                    and not (self.spin and _spin(pending))
+                ):
                     # The message is on the pipe before the eventfd is written. A stale count
                     # (left by messages read without waiting: a stream's credits, a call
                     # caught by the spin) returns at once: wait again, without spinning.
@@ -297,6 +308,7 @@ class _Server:
         """Send a call's result: a reply frame for a plain tensor (a large one in this
         worker's response segment, once the parent has mapped one that holds it), else an
         ``Ok`` (large tensors in that segment, made or grown first)."""
+        self.spin = compute < SPIN_AFTER_S
         data = fr.reply_frame(compute, out, self.opts.inline_bytes, self.out)
         if data is not None:
             del out
