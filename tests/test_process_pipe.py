@@ -8,6 +8,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -370,24 +371,79 @@ async def test_a_call_sent_right_after_the_last_reaches_a_worker_awake() -> None
     assert slept < calls // 2, f"the worker slept {slept} times in {calls} calls"
 
 
-@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux's")
-@pytest.mark.anyio
-async def test_after_a_long_call_a_worker_sleeps_at_once() -> None:
+@pytest.mark.skipif(not Path("/proc/self/syscall").exists(), reason="needs /proc/PID/syscall")
+@pytest.mark.timeout(60)
+def test_a_worker_looks_for_its_next_call_only_after_a_short_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A call of 0.5 ms or more pays its wake-up in a small part of its time, and a worker
-    looking for the next call would count as load on its core: after one, it sleeps at once
-    (each call of a module that keeps its core busy for 2 ms reaches it asleep)."""
-    m, x = M.Busy(0.002), torch.randn(1, 10)
-    calls = 100
-    async with af.ProcessPool(workers=1) as pool:
-        await pool.warmup(m, example=x)
-        (pid,) = pool.worker_pids()
-        with anyio.fail_after(30):
-            await pool.forward(m, x)
-            before = _sleeps(pid)
-            for _ in range(calls):
-                await pool.forward(m, x)
-            slept = _sleeps(pid) - before
-    assert slept >= calls * 0.8, f"the worker slept {slept} times in {calls} calls"
+    looking for the next call counts as load on its core: the worker looks (_worker._spin)
+    after a short call's reply only, not after a long call, a call that raised or another
+    message. The worker's loop runs in a thread here, on a socket pair and an eventfd, and
+    each step waits until it sleeps on the eventfd, so the order of events is fixed."""
+    import multiprocessing
+    import pickle
+
+    from aioforward.pools.process import _frames as fr
+    from aioforward.pools.process import _worker
+    from aioforward.pools.process._messages import Stop, StreamCtl
+
+    looked: list[int] = []
+    monkeypatch.setattr(_worker, "_spin", lambda _pending: looked.append(1) and False)
+    monkeypatch.setattr(_worker, "SPIN_AFTER_S", 0.05)  # a preempted short call stays short
+    parent, child = multiprocessing.Pipe()
+    wake = os.eventfd(0, os.EFD_CLOEXEC)
+    opts = _worker.WorkerOptions(os.getpid(), "t", 1, 1, None, None, (), 65536, False, False)
+    server = _worker._Server(child, opts, wake)
+    server.modules.update({(1, 0): M.Tiny(), (2, 0): M.Busy(0.1), (3, 0): M.Boom()})
+    thread = threading.Thread(target=server.serve, name="test-serve")
+    args, _ = fr.encode_small((torch.randn(1, 10),), 65536)
+    seq = 0
+
+    def sleeping() -> None:  # until the loop sleeps on its eventfd
+        assert thread.native_id is not None
+        path = Path(f"/proc/self/task/{thread.native_id}/syscall")
+        for _ in range(5000):
+            fields = path.read_text().split()
+            if len(fields) > 1 and fields[0] != "running" and int(fields[1], 16) == wake:
+                return
+            time.sleep(0.001)
+        raise AssertionError("the worker's loop never slept on its eventfd")
+
+    def send(data: bytes) -> None:
+        tr.send_message(parent.fileno(), data)
+        os.eventfd_write(wake, 1)
+
+    def call(key: tuple[int, int]) -> int:
+        nonlocal seq
+        seq += 1
+        send(fr.call_frame(seq, key, args))
+        tr.recv_message(parent.fileno())  # the reply (a frame, or a pickled Raised)
+        sleeping()
+        return len(looked)
+
+    try:
+        thread.start()
+        sleeping()
+        call((1, 0))  # a module's first call is slow (torch warms up)
+        looked.clear()
+        assert call((1, 0)) == 1  # short: looked
+        assert call((2, 0)) == 1  # long: slept at once
+        assert call((1, 0)) == 2
+        assert call((3, 0)) == 2  # raised: slept at once
+        assert call((1, 0)) == 3
+        send(pickle.dumps(StreamCtl(seq)))  # a word for an ended stream: no look after it
+        sleeping()
+        assert len(looked) == 3
+        send(pickle.dumps(Stop()))
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        parent.close()  # the loop reads the end of the pipe once woken
+        os.eventfd_write(wake, 1)
+        thread.join(10)
+        child.close()
+        os.close(wake)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc/PID/stat")

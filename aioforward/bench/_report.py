@@ -41,14 +41,16 @@ def _ratio(r: Results, a: str, b: str, key: str = "median") -> float:
 
 
 def _x(value: float, bound: float, digits: int = 2) -> str:
-    """``value`` as a ratio ("0.95x"), with one digit more when it rounds to ``bound`` but is
+    """``value`` as a ratio ("0.95x"), with more digits while it rounds to ``bound`` but is
     not it: 0.946 shown as "0.95x" beside a target of ">= 0.95x" would read as met.
 
     Example: ``_x(0.946, 0.95) == "0.946x"``.
     """
     text = f"{value:.{digits}f}"
-    if value != bound and text == f"{bound:.{digits}f}":
-        text = f"{value:.{digits + 1}f}"
+    more = digits
+    while value != bound and text == f"{bound:.{more}f}" and more < digits + 4:
+        more += 1
+        text = f"{value:.{more}f}"
     return text + "x"
 
 

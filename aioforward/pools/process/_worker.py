@@ -149,7 +149,7 @@ class _Server:
         self.weights_of: dict[Any, int] = {}  # module key -> its weight segment sid
         self.request_sid: int | None = None  # the parent's current request segment
         self.out: Segment | None = None  # our own response segment
-        self.spin = False  # the last call was short: look for the next before sleeping
+        self.spin = False  # the last message was a short call's: look for the next first
 
     def serve(self) -> None:
         """Run the parent's messages one by one until it says stop (or is gone).
@@ -177,8 +177,9 @@ class _Server:
                     and not (self.spin and _spin(pending))
                 ):
                     # The message is on the pipe before the eventfd is written. A stale count
-                    # (left by messages read without waiting: a stream's credits, a call
-                    # caught by the spin) returns at once: wait again, without spinning.
+                    # (left by messages read without waiting: a call already there when the
+                    # last reply went out, a stream's credits, a call caught by the look)
+                    # returns at once: wait again, without looking.
                     # (Read on instead, the worker would wait on the pipe, and the eventfd
                     # written after that message would leave a stale count for the next
                     # wait: every wait after the first stale count would be on the pipe.)
@@ -186,6 +187,7 @@ class _Server:
                     while not pending.poll(0):
                         os.eventfd_read(wake_fd)
                 data = recv_message(fd)
+                self.spin = False  # set again by the reply of a short call (_reply)
                 if data[0] == fr.CALL:  # the common call, in a frame of its own
                     sid = self.request_sid
                     seq, key, args = fr.read_call(
