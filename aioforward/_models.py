@@ -22,6 +22,22 @@ def mlp(width: int = 1024, depth: int = 4) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class SmallGrid(nn.Module):
+    """A small-kernel module for a GPU: one kernel that keeps a single block of threads busy
+    for ``cycles`` GPU clock cycles (``torch.cuda._sleep``, which PyTorch's own tests of
+    stream concurrency use), then a ``width`` x ``width`` Linear. It leaves the GPU's other
+    units idle, so two such modules on separate streams can run at once."""
+
+    def __init__(self, cycles: int = 1_000_000, width: int = 256) -> None:
+        super().__init__()
+        self.cycles = cycles
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.cuda._sleep(self.cycles)  # type: ignore[no-untyped-call]
+        return self.lin(x)  # type: ignore[no-any-return]
+
+
 def conv() -> nn.Module:
     """A small conv stack for 8x3x128x128 images: memory-bound, allocation-heavy."""
     return nn.Sequential(

@@ -290,7 +290,7 @@ class Counter(nn.Module):
 
     def forward(self, n: int) -> Any:
         for i in range(n):
-            yield self.lin(torch.full((1, 2), float(i)))
+            yield self.lin(torch.full((1, 2), float(i), device=self.lin.weight.device))
 
     def generate(self, n: int) -> Any:
         for i in range(n):

@@ -386,3 +386,22 @@ def test_a_ratio_that_rounds_to_its_target_shows_more_digits() -> None:
     assert _report._x(3.04, 3, 1) == "3.04x"
     assert _report._x(3.4, 3, 1) == "3.4x"
     assert _report._x(0.9496, 0.95) == "0.9496x"
+
+
+def test_the_cuda_rows_judge_the_small_kernel_modules_and_show_the_mlps_beside() -> None:
+    """The target row is the small-grid pair's; the mlp pair, whose kernels a fast GPU ends
+    before the next launch, is a comparison row; results of earlier releases (the mlps only)
+    are still judged as they were."""
+    r: dict[str, dict[str, float]] = {
+        "lag/cuda/CudaStreamPool": {"p99": 0.0006},
+        "cuda/serial-default-stream": {"median": 0.0006},
+        "cuda/CudaStreamPool": {"median": 0.001},
+        "cuda/small-grid/serial-default-stream": {"median": 0.0011},
+        "cuda/small-grid/CudaStreamPool": {"median": 0.0006},
+    }
+    target, mlp = _report._cuda(r)
+    assert target.met is True and target.measured.startswith("1.83x (1.10 ms serial)")
+    assert mlp.met is None and mlp.measured == "0.60x (0.60 ms serial)"
+    old = {k: v for k, v in r.items() if "small-grid" not in k}
+    (only,) = _report._cuda(old)
+    assert only.met is False and only.measured == "0.60x, p99 0.60 ms"

@@ -32,6 +32,7 @@ from ._measure import (
     Measured,
     Run,
     Skip,
+    Step,
     interleaved,
     lag_during,
     per_call,
@@ -538,8 +539,9 @@ async def batching(run: Run) -> None:
 
 
 async def cuda_streams(run: Run) -> None:
-    """Two small-kernel modules: one after the other on the default stream vs overlapped
-    (without a usable GPU, :class:`Skip` with the reason).
+    """Two small-kernel modules (``_models.SmallGrid``): one after the other on the default
+    stream vs overlapped; the same for two 8-layer mlps, whose kernels a fast GPU ends before
+    Python launches the next (without a usable GPU, :class:`Skip` with the reason).
 
     Example: ``asyncio.run(cuda_streams(Run("smoke")))``.
     """
@@ -548,26 +550,32 @@ async def cuda_streams(run: Run) -> None:
     reason = cuda_unavailable_reason()
     if reason is not None:
         raise Skip(reason)
+    s1, s2 = _models.SmallGrid().cuda(), _models.SmallGrid().cuda()
     m1, m2 = _models.mlp(256, 8).cuda(), _models.mlp(256, 8).cuda()
     x = torch.randn(32, 256, device="cuda")
 
-    async def serial() -> None:
-        with torch.inference_mode():
-            m1(x)
-            m2(x)
-        torch.cuda.synchronize()
+    def serial(a: torch.nn.Module, b: torch.nn.Module) -> Step:
+        async def step() -> None:
+            with torch.inference_mode():
+                a(x)
+                b(x)
+            torch.cuda.synchronize()
+
+        return step
 
     async with CudaStreamPool(workers=4) as pool:
         await interleaved(
             run,
             {
-                "cuda/serial-default-stream": (serial, 1),
+                "cuda/small-grid/serial-default-stream": (serial(s1, s2), 1),
+                "cuda/small-grid/CudaStreamPool": (lambda: pool.run_parallel(s1, s2, x), 1),
+                "cuda/serial-default-stream": (serial(m1, m2), 1),
                 "cuda/CudaStreamPool": (lambda: pool.run_parallel(m1, m2, x), 1),
             },
             run.n(100, 20, 10),
         )
         await lag_during(
-            run, "lag/cuda/CudaStreamPool", lambda: pool.run_parallel(m1, m2, x), run.n(50, 50, 10)
+            run, "lag/cuda/CudaStreamPool", lambda: pool.run_parallel(s1, s2, x), run.n(50, 50, 10)
         )
 
 

@@ -73,6 +73,10 @@ class CudaStreamPool(ThreadPool):
         workers: launch threads, i.e. calls in flight (default 4).
         to_cpu: copy outputs back to (pinned) CPU memory; by default they stay
             on the device.
+        cancel_checks: make the modules' stacks check for cancellation before
+            each member, as in :class:`ThreadPool` (default True).
+        cancel_grace: seconds a cancelled call has to stop before it counts in
+            ``stats().overran``, as in :class:`ThreadPool`.
         max_queued: waiting calls allowed before ``QueueFullError``.
 
     Device policy: a module must already be on ``device`` (a ``ModuleSpec`` is
@@ -92,6 +96,8 @@ class CudaStreamPool(ThreadPool):
         *,
         workers: int = 4,
         to_cpu: bool = False,
+        cancel_checks: bool = True,
+        cancel_grace: float = 1.0,
         max_queued: int | None = None,
         name: str | None = None,
     ) -> None:
@@ -112,17 +118,31 @@ class CudaStreamPool(ThreadPool):
             )
         self.device = dev
         self.to_cpu = bool(to_cpu)
-        super().__init__(workers, threads_per_worker=0, max_queued=max_queued, name=name)
+        super().__init__(
+            workers,
+            threads_per_worker=0,
+            cancel_checks=cancel_checks,
+            cancel_grace=cancel_grace,
+            max_queued=max_queued,
+            name=name,
+        )
 
     def _backend(self, name: str) -> ThreadBackend:
-        return CudaBackend(name, self.device, self.to_cpu)
+        return CudaBackend(name, self.device, self.to_cpu, self.cancel_checks, self.cancel_grace)
 
 
 class CudaBackend(ThreadBackend):
     """Launch threads that run each module on its own CUDA stream."""
 
-    def __init__(self, name: str, device: torch.device, to_cpu: bool) -> None:
-        super().__init__(name, threads_per_worker=0, grad=False)
+    def __init__(
+        self,
+        name: str,
+        device: torch.device,
+        to_cpu: bool,
+        cancel_checks: bool = True,
+        cancel_grace: float = 1.0,
+    ) -> None:
+        super().__init__(name, 0, False, cancel_checks, cancel_grace)
         self.device = device
         self.to_cpu = to_cpu
         self._streams: weakref.WeakKeyDictionary[torch.nn.Module, torch.cuda.Stream] = (
