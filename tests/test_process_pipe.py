@@ -13,6 +13,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 import torch
 
@@ -265,8 +266,8 @@ def _eventfds(pid: int) -> int:
 
 
 def _waits_on(pid: int) -> int | None:
-    """The descriptor process ``pid`` is blocked reading (the first argument of the system
-    call it sleeps in), or None while it runs."""
+    """The descriptor process ``pid`` (or thread: a native thread id) is blocked reading (the
+    first argument of the system call it sleeps in), or None while it runs."""
     fields = Path(f"/proc/{pid}/syscall").read_text().split()
     if len(fields) < 2 or fields[0] == "running":
         return None
@@ -337,17 +338,14 @@ async def test_workers_sleep_on_an_eventfd_the_parent_writes_after_each_message(
 
 
 def _sleeps(pid: int) -> int:
-    """How many times the main thread of process ``pid`` has slept (blocked in a wait)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
-            return int(line.split()[1])
-    raise AssertionError(f"/proc/{pid}/status has no voluntary_ctxt_switches")
+    """How many times process ``pid`` has slept (blocked in a wait)."""
+    return int(psutil.Process(pid).num_ctx_switches().voluntary)
 
 
 def _cpu_s(pid: int) -> float:
     """The CPU time process ``pid`` has used, all threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 @pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux's")
@@ -402,10 +400,8 @@ def test_a_worker_looks_for_its_next_call_only_after_a_short_one(
 
     def sleeping() -> None:  # until the loop sleeps on its eventfd
         assert thread.native_id is not None
-        path = Path(f"/proc/self/task/{thread.native_id}/syscall")
         for _ in range(5000):
-            fields = path.read_text().split()
-            if len(fields) > 1 and fields[0] != "running" and int(fields[1], 16) == wake:
+            if _waits_on(thread.native_id) == wake:
                 return
             time.sleep(0.001)
         raise AssertionError("the worker's loop never slept on its eventfd")

@@ -139,10 +139,16 @@ class CudaBackend(ThreadBackend):
         name: str,
         device: torch.device,
         to_cpu: bool,
-        cancel_checks: bool = True,
-        cancel_grace: float = 1.0,
+        cancel_checks: bool,
+        cancel_grace: float,
     ) -> None:
-        super().__init__(name, 0, False, cancel_checks, cancel_grace)
+        super().__init__(
+            name,
+            threads_per_worker=0,
+            grad=False,
+            cancel_checks=cancel_checks,
+            cancel_grace=cancel_grace,
+        )
         self.device = device
         self.to_cpu = to_cpu
         self._streams: weakref.WeakKeyDictionary[torch.nn.Module, torch.cuda.Stream] = (
