@@ -4,7 +4,10 @@ descriptors and capacity tokens."""
 
 from __future__ import annotations
 
+import faulthandler
+import functools
 import gc
+import inspect
 import os
 import sys
 import threading
@@ -12,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import psutil
 import pytest
 import torch
@@ -20,7 +24,7 @@ import aioforward
 from aioforward import _api
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Generator, Iterator
 
 torch.set_num_threads(1)  # tests run two workers on two cores; keep the parent quiet
 
@@ -75,6 +79,103 @@ def _threads() -> set[threading.Thread]:
         for t in threading.enumerate()
         if t.name.startswith("aioforward") and t.name not in LONG_LIVED_THREADS
     }
+
+
+class _Watchdog:
+    """The last line of "nothing hangs". pytest-timeout stops a test that outruns its
+    timeout by raising in the main thread (SIGALRM); a wait that retries, or a teardown that
+    waits on what the test left behind, can outlast that. A test still running
+    ``hang_grace`` seconds (an ini option) past its timeout gets every thread's stack dumped
+    and its name printed last (where a CI log's tail shows it), and the run ends with exit
+    status 3: in minutes, not at CI's limit."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd  # stderr, duplicated before pytest captures it
+        self.changed = threading.Condition()
+        self.deadline: float | None = None
+        self.test, self.grace = "", 0.0
+        threading.Thread(target=self.watch, name="tests-watchdog", daemon=True).start()
+
+    def arm(self, test: str, seconds: float | None, grace: float = 0.0) -> None:
+        with self.changed:
+            self.test, self.grace = test, grace
+            self.deadline = None if seconds is None else time.monotonic() + seconds
+            self.changed.notify()
+
+    def watch(self) -> None:
+        with self.changed:
+            while self.deadline is None or time.monotonic() < self.deadline:
+                left = None if self.deadline is None else self.deadline - time.monotonic()
+                self.changed.wait(left)
+            test, grace = self.test, self.grace
+        faulthandler.dump_traceback(self.fd, all_threads=True)
+        why = f"ran {grace:g} s past its timeout (every thread's stack is above): ending the run"
+        os.write(self.fd, f"\nHANG: {test} {why}\n".encode())
+        os._exit(3)
+
+
+_WATCHDOG = pytest.StashKey[_Watchdog]()
+
+
+def _timeout_s(item: pytest.Item) -> float | None:
+    """The test's pytest-timeout limit: its ``timeout`` mark, else ``--timeout``, else the
+    ini's (None or 0: no limit)."""
+    mark = item.get_closest_marker("timeout")
+    value = None
+    if mark is not None:
+        value = mark.args[0] if mark.args else mark.kwargs.get("timeout")
+    if value is None:
+        value = item.config.getoption("timeout", None) or item.config.getini("timeout")
+    return float(value) if value else None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "hang_grace", "seconds a test may run past its timeout (see _Watchdog)", default="90"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_WATCHDOG] = _Watchdog(os.dup(2))  # stderr: pytest captures fd 2 in tests
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    """Arm the watchdog for the whole test: setup, call and teardown."""
+    watchdog = item.config.stash[_WATCHDOG]
+    limit = _timeout_s(item)
+    grace = float(item.config.getini("hang_grace"))
+    watchdog.arm(item.nodeid, None if limit is None else limit + grace, grace)
+    try:
+        return (yield)
+    finally:
+        watchdog.arm("", None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+    """Give an async test its timeout inside its event loop, as a cancel scope: on uvloop
+    and trio, pytest-timeout's exception (raised from a SIGALRM handler) does not stop the
+    test: uvloop drops an exception its signal handling raises, and anyio runs a trio test
+    in a loop the exception never reaches. The scope's deadline comes first (at 90% of the
+    timeout), so a stuck async test fails on its own loop, and the run goes on."""
+    test, limit = pyfuncitem.obj, _timeout_s(pyfuncitem)
+    if limit is None or not inspect.iscoroutinefunction(test) or hasattr(test, "hypothesis"):
+        return (yield)
+    seconds = 0.9 * limit
+
+    @functools.wraps(test)
+    async def with_deadline(**kwargs: Any) -> Any:
+        with anyio.CancelScope(deadline=anyio.current_time() + seconds) as scope:
+            return await test(**kwargs)
+        if scope.cancelled_caught:
+            pytest.fail(f"timed out after {seconds:g} s in its event loop (90% of its timeout)")
+
+    pyfuncitem.obj = with_deadline
+    try:
+        return (yield)
+    finally:
+        pyfuncitem.obj = test
 
 
 @pytest.fixture(scope="session", autouse=True)
