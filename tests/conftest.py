@@ -119,14 +119,18 @@ _WATCHDOG = pytest.StashKey[_Watchdog]()
 
 def _timeout_s(item: pytest.Item) -> float | None:
     """The test's pytest-timeout limit: its ``timeout`` mark, else ``--timeout``, else the
-    ini's (None or 0: no limit)."""
+    ini's; None for no limit (0, as pytest-timeout reads it, or pytest-timeout not loaded)."""
+    if not item.config.pluginmanager.has_plugin("timeout"):
+        return None
     mark = item.get_closest_marker("timeout")
     value = None
     if mark is not None:
         value = mark.args[0] if mark.args else mark.kwargs.get("timeout")
     if value is None:
-        value = item.config.getoption("timeout", None) or item.config.getini("timeout")
-    return float(value) if value else None
+        value = item.config.getoption("timeout", None)
+    if value is None:
+        value = item.config.getini("timeout")
+    return float(value) if value and float(value) > 0 else None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -137,6 +141,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_WATCHDOG] = _Watchdog(os.dup(2))  # stderr: pytest captures fd 2 in tests
+
+
+def pytest_enter_pdb(config: pytest.Config) -> None:
+    """A debugger session is not a hang (pytest-timeout stands down for one too)."""
+    config.stash[_WATCHDOG].arm("", None)
 
 
 @pytest.hookimpl(wrapper=True)
