@@ -89,17 +89,19 @@ class _Watchdog:
     and its name printed last (where a CI log's tail shows it), and the run ends with exit
     status 3: in minutes, not at CI's limit."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, grace: float) -> None:
         self.fd = fd  # stderr, duplicated before pytest captures it
+        self.grace = grace
         self.changed = threading.Condition()
         self.deadline: float | None = None
-        self.test, self.grace = "", 0.0
+        self.test = ""
         threading.Thread(target=self.watch, name="tests-watchdog", daemon=True).start()
 
-    def arm(self, test: str, seconds: float | None, grace: float = 0.0) -> None:
+    def arm(self, test: str, timeout: float | None) -> None:
+        """Watch ``test``, which has ``timeout`` seconds (None: no limit, or no test)."""
         with self.changed:
-            self.test, self.grace = test, grace
-            self.deadline = None if seconds is None else time.monotonic() + seconds
+            self.test = test
+            self.deadline = None if timeout is None else time.monotonic() + timeout + self.grace
             self.changed.notify()
 
     def watch(self) -> None:
@@ -107,10 +109,10 @@ class _Watchdog:
             while self.deadline is None or time.monotonic() < self.deadline:
                 left = None if self.deadline is None else self.deadline - time.monotonic()
                 self.changed.wait(left)
-            test, grace = self.test, self.grace
+            test = self.test
         faulthandler.dump_traceback(self.fd, all_threads=True)
-        why = f"ran {grace:g} s past its timeout (every thread's stack is above): ending the run"
-        os.write(self.fd, f"\nHANG: {test} {why}\n".encode())
+        why = "past its timeout (every thread's stack is above): ending the run"
+        os.write(self.fd, f"\nHANG: {test} ran {self.grace:g} s {why}\n".encode())
         os._exit(3)
 
 
@@ -140,7 +142,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_WATCHDOG] = _Watchdog(os.dup(2))  # stderr: pytest captures fd 2 in tests
+    # stderr, duplicated now: pytest captures fd 2 while tests run
+    config.stash[_WATCHDOG] = _Watchdog(os.dup(2), float(config.getini("hang_grace")))
 
 
 def pytest_enter_pdb(config: pytest.Config) -> None:
@@ -152,9 +155,7 @@ def pytest_enter_pdb(config: pytest.Config) -> None:
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
     """Arm the watchdog for the whole test: setup, call and teardown."""
     watchdog = item.config.stash[_WATCHDOG]
-    limit = _timeout_s(item)
-    grace = float(item.config.getini("hang_grace"))
-    watchdog.arm(item.nodeid, None if limit is None else limit + grace, grace)
+    watchdog.arm(item.nodeid, _timeout_s(item))
     try:
         return (yield)
     finally:
