@@ -4,6 +4,7 @@ thread's stack and its name, instead of holding it until CI's limit."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -46,12 +47,15 @@ async def test_stuck():
 
 
 def run_pytest(tmp_path: Path, tests: str) -> subprocess.CompletedProcess[str]:
-    """pytest in ``tmp_path`` on the module ``tests``, with this suite's conftest."""
+    """pytest in ``tmp_path`` on the module ``tests``, with this suite's conftest; no
+    tracebacks, and a summary line per failure that a terminal's width does not cut short."""
     shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
     (tmp_path / "test_it.py").write_text(textwrap.dedent(tests))
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "hang_grace=2"],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "hang_grace=2"]
+        + ["--tb=no", "-rf"],
         cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "1000"},
         capture_output=True,
         text=True,
         timeout=80,
@@ -65,10 +69,12 @@ def test_an_async_test_times_out_in_its_event_loop_on_every_loop(tmp_path: Path)
     arrives): the run would hang there."""
     run = run_pytest(tmp_path, STUCK)
     assert run.returncode == 1, (run.stdout, run.stderr)
-    for loop in ("asyncio", "asyncio+uvloop", "trio"):
-        assert f"FAILED test_it.py::test_stuck[{loop}]" in run.stdout, run.stdout
     message = "Failed: timed out after 1.8 s in its event loop (90% of its timeout)"
-    assert run.stdout.count(message) == 3, run.stdout
+    failures = [line for line in run.stdout.splitlines() if line.startswith("FAILED ")]
+    assert failures == [
+        f"FAILED test_it.py::test_stuck[{loop}] - {message}"
+        for loop in ("asyncio", "asyncio+uvloop", "trio")
+    ], run.stdout
 
 
 @pytest.mark.timeout(90)
