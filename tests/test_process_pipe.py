@@ -350,10 +350,19 @@ def _cpu_s(pid: int) -> float:
 
 @pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux's")
 @pytest.mark.anyio
-async def test_a_call_sent_right_after_the_last_reaches_a_worker_awake() -> None:
+async def test_a_call_sent_right_after_the_last_reaches_a_worker_awake(
+    anyio_backend: tuple[str, dict[str, object]],
+) -> None:
     """After a short call an idle worker looks at its pipe for a moment before it sleeps on
     its eventfd (_worker._spin): calls awaited one after another mostly reach it awake.
-    Asleep between calls, it would sleep once per call."""
+    Asleep between calls, it would sleep once per call. (That the worker looks, and when,
+    is tested on its own below, without timing.)"""
+    if anyio_backend[0] == "trio":
+        pytest.skip(
+            "on trio a reply passes through the supervisor's thread, and the next call "
+            "reaches the worker 100-200 us after it, as long as the worker's look "
+            "(_worker.SPIN_S): whether it finds the worker awake depends on the machine's speed"
+        )
     m, x = M.Tiny(), torch.randn(1, 10)
     calls = 300
     async with af.ProcessPool(workers=1) as pool:
