@@ -360,7 +360,7 @@ async def test_a_call_sent_right_after_the_last_reaches_a_worker_awake(
     if anyio_backend[0] == "trio":
         pytest.skip(
             "on trio a reply passes through the supervisor's thread, and the next call "
-            "reaches the worker 100-200 us after it, as long as the worker's look "
+            "reaches the worker about 200 us after it, as long as the worker's look "
             "(_worker.SPIN_S): whether it finds the worker awake depends on the machine's speed"
         )
     m, x = M.Tiny(), torch.randn(1, 10)
