@@ -196,10 +196,7 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
         box: list[Any] = []
         try:
             loop = running_asyncio_loop()
-            if loop is None:
-                wake, wait = waker()
-                self.add_done_callback(lambda _f: wake())
-            else:  # the per-call path on asyncio and uvloop: one callback, one wake-up
+            if loop is not None:  # the per-call path on asyncio, uvloop: one callback, one wake-up
                 box.append(loop.create_future())  # box[0]: what this task waits on now
                 wakeups = _wakeups(loop)
 
@@ -207,6 +204,9 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
                     wakeups.wake(box[0])
 
                 self.add_done_callback(wake_loop)
+            elif reader is None:  # trio (a reply reader waits on its own: see below)
+                wake, wait = waker()
+                self.add_done_callback(lambda _f: wake())
         finally:
             if dispatch is not None:
                 reader = dispatch(loop)
@@ -214,7 +214,13 @@ class ForwardFuture(concurrent.futures.Future[T], Generic[T]):
             if reader is not None:
                 yield from reader(self, loop, box)  # reads the reply here, in the loop
             if self._state not in _DONE:
-                yield from (wait() if wait is not None else box[0]).__await__()
+                if loop is not None:
+                    yield from box[0].__await__()
+                else:
+                    if wait is None:  # the reader let the call go before it ended
+                        wake, wait = waker()
+                        self.add_done_callback(lambda _f: wake())
+                    yield from wait().__await__()
         except BaseException:
             self.cancel()
             raise

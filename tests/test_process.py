@@ -536,13 +536,12 @@ async def test_s30_soak_random_kills_timeouts_cancels() -> None:
         assert_pool_idle(pool)
 
 
-async def test_awaiting_task_reads_its_reply_on_asyncio(
-    shared: af.ProcessPool,
-    anyio_backend: tuple[str, dict[str, object]],
-    monkeypatch: pytest.MonkeyPatch,
+async def test_awaiting_task_reads_its_reply_in_its_own_thread(
+    shared: af.ProcessPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On asyncio and uvloop the task that awaits a call reads the worker's reply itself, in
-    the loop's thread; on trio (and for a sync caller) the supervisor thread does."""
+    """The task that awaits a call reads the worker's reply itself, in the loop's thread (an
+    asyncio loop's ``add_reader``, trio's ``wait_readable``); for a sync caller the
+    supervisor thread does."""
     readers = record_reply_readers(monkeypatch)
     x = torch.arange(4.0)
     for _ in range(3):
@@ -551,9 +550,7 @@ async def test_awaiting_task_reads_its_reply_on_asyncio(
     assert (await af.forward(M.Echo(), x, pool=shared))[0][0] is not None  # the same path
     assert (await af.AsyncModule(M.Echo(), pool=shared)(x))[0][0] is not None
     assert torch.equal(shared.submit(M.Echo(), x).result(30)[0][0], x)
-    me = threading.current_thread().name
-    expected = me if anyio_backend[0] == "asyncio" else "aioforward-shared-supervisor"
-    assert readers[:5] == [expected] * 5
+    assert readers[:5] == [threading.current_thread().name] * 5
     assert readers[5] == "aioforward-shared-supervisor"
 
 
@@ -596,7 +593,8 @@ async def test_large_tensors_are_copied_off_the_event_loop(
                 assert thread == supervisor, (what, thread, nbytes)
             elif what == "in":
                 assert thread == me, (what, thread, nbytes)
-            # a small result is read by the awaiting loop on asyncio, else by the supervisor
+            # a small result is read by the awaiting task's thread (forward), else by the
+            # supervisor (submit)
 
 
 async def test_a_modules_first_awaited_call_ships_it_off_the_event_loop(
@@ -636,15 +634,13 @@ async def test_a_modules_first_awaited_call_ships_it_off_the_event_loop(
 
 
 async def test_a_large_reply_handed_over_survives_its_worker_dying(
-    monkeypatch: pytest.MonkeyPatch, anyio_backend: tuple[str, dict[str, object]]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The loop hands a large reply to the supervisor to copy out, and the worker dies before
     the supervisor gets to it: the call still ends with its result (the reply arrived), and
     the supervisor reaps and replaces the worker after."""
     from aioforward.pools.process._supervisor import LOOP_COPY_MAX, Supervisor
 
-    if anyio_backend[0] == "trio":
-        pytest.skip("on trio the supervisor reads every reply itself: nothing is handed over")
     call_soon = Supervisor.call_soon
     handed: list[object] = []
 

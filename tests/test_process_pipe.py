@@ -83,8 +83,9 @@ async def test_one_watch_serves_a_loops_calls_and_ends_at_close(
     anyio_backend: tuple[str, dict[str, object]],
 ) -> None:
     """On asyncio and uvloop the loop watches a worker's pipe once for all its calls (one
-    ``add_reader``, not one per call); on trio the supervisor reads. After the pool closes
-    no watch is left, and the descriptors are back."""
+    ``add_reader``, not one per call); on trio each awaiting task waits on the pipe itself
+    (``wait_readable``), with no watch kept. After the pool closes no watch is left, and
+    the descriptors are back."""
     before = open_fds()
     m, x = M.Tiny(), torch.randn(1, 10)
     with torch.no_grad():
@@ -145,13 +146,61 @@ def test_a_second_loop_is_served_while_another_watches(monkeypatch: pytest.Monke
         pool.shutdown()
 
 
+def test_a_trio_task_reads_its_replies_while_an_asyncio_loop_watches_the_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An asyncio loop in one thread keeps its watch on a worker's pipe; a trio run in
+    another then calls the same worker: its task reads each reply itself (the asyncio loop,
+    woken too, ends its watch), every call returns, and the descriptors are back after."""
+    import trio
+
+    readers = record_reply_readers(monkeypatch)
+    before = open_fds()
+    pool = af.ProcessPool(workers=1, name="mixed")
+    m, x = M.Tiny(), torch.randn(1, 10)
+    with torch.no_grad():
+        expected = m(x)
+    try:
+        watching, trio_done = threading.Event(), threading.Event()
+        results: list[object] = []
+
+        async def asyncio_calls() -> None:
+            await pool.wait_ready(60)
+            results.extend([await pool.forward(m, x) for _ in range(5)])
+            watching.set()
+            while not trio_done.is_set():  # stay open, watching the pipe
+                await asyncio.sleep(0.01)
+
+        async def trio_calls() -> None:
+            with trio.fail_after(60):
+                results.extend([await pool.forward(m, x) for _ in range(5)])
+
+        a = threading.Thread(target=asyncio.run, args=(asyncio_calls(),), name="loop-a")
+        a.start()
+        assert watching.wait(60)
+        assert pool._core.backend.watches  # type: ignore[attr-defined]
+        b = threading.Thread(target=trio.run, args=(trio_calls,), name="loop-b")
+        b.start()
+        b.join(60)
+        trio_done.set()
+        a.join(60)
+        assert not a.is_alive() and not b.is_alive()
+        assert len(results) == 10
+        for y in results:
+            torch.testing.assert_close(y, expected)
+        assert readers[-10:] == ["loop-a"] * 5 + ["loop-b"] * 5, readers
+    finally:
+        pool.shutdown()
+    assert open_fds() == before
+
+
 @pytest.mark.anyio
 async def test_tasks_of_one_loop_sharing_workers_never_wait_for_the_supervisor(
-    anyio_backend: tuple[str, dict[str, object]], monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Tasks of one loop calling again and again, each on whichever worker is free (two
-    replies read in one turn of the loop swap the workers): on asyncio and uvloop the loop
-    reads every reply itself; none waits for the supervisor's takeover of unread replies."""
+    replies read in one turn of the loop swap the workers): the loop's thread reads every
+    reply itself; none waits for the supervisor's takeover of unread replies."""
     from aioforward.pools.process import _supervisor
 
     monkeypatch.setattr(_supervisor, "WATCH_INTERVAL", 2.0)  # a missed reply: read late
@@ -173,8 +222,7 @@ async def test_tasks_of_one_loop_sharing_workers_never_wait_for_the_supervisor(
                 tg.start_soon(calls, i)
     assert len(readers) == 600
     here = threading.current_thread().name
-    expected_reader = "sharing-supervisor" if anyio_backend[0] == "trio" else here
-    assert readers.count(expected_reader) == 600, sorted(set(readers))
+    assert readers.count(here) == 600, sorted(set(readers))
 
 
 def test_readable_takes_descriptors_from_1024_up() -> None:
@@ -350,19 +398,11 @@ def _cpu_s(pid: int) -> float:
 
 @pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux's")
 @pytest.mark.anyio
-async def test_a_call_sent_right_after_the_last_reaches_a_worker_awake(
-    anyio_backend: tuple[str, dict[str, object]],
-) -> None:
+async def test_a_call_sent_right_after_the_last_reaches_a_worker_awake() -> None:
     """After a short call an idle worker looks at its pipe for a moment before it sleeps on
     its eventfd (_worker._spin): calls awaited one after another mostly reach it awake.
     Asleep between calls, it would sleep once per call. (That the worker looks, and when,
     is tested on its own below, without timing.)"""
-    if anyio_backend[0] == "trio":
-        pytest.skip(
-            "on trio a reply passes through the supervisor's thread, and the next call "
-            "reaches the worker about 200 us after it, as long as the worker's look "
-            "(_worker.SPIN_S): whether it finds the worker awake depends on the machine's speed"
-        )
     m, x = M.Tiny(), torch.randn(1, 10)
     calls = 300
     async with af.ProcessPool(workers=1) as pool:

@@ -1173,7 +1173,8 @@ async def run_calls(pool: Pool, calls: list[Call], timeout: float | None) -> tup
     call's start to its own task."""
     core = pool._core
     await core.ship(c.module for c in calls)  # first calls: off the event loop
-    awaited = core.backend.dispatch_in_submit
+    # (trio: each call's end wakes the task through the supervisor, as for a call not awaited)
+    awaited = core.backend.dispatch_in_submit and running_asyncio_loop() is not None
     futures: list[ForwardFuture[Any]] = []
     try:
         for c in calls:

@@ -16,13 +16,13 @@ Data flow of one call::
       module(*args) under inference_mode; large outputs into its     |
       own warm response segment; a reply frame or an Ok message      |
       v                                                              |
-    the awaiting task's event loop (a call awaited at once on        |
-      asyncio or uvloop: its add_reader on the pipe, kept from call  |
-      to call), else the Supervisor thread (_supervisor.py), which   |
-      waits on every pipe and every process sentinel: reads the      |
-      reply, copies outputs out, reports call_done to the core,      |
-      which completes the ForwardFuture and hands the worker its     |
-      next call ----------------------------------------------------'
+    the awaiting task's thread (a call awaited at once: an asyncio   |
+      or uvloop loop's add_reader on the pipe, kept from call to     |
+      call; trio's wait_readable), else the Supervisor thread        |
+      (_supervisor.py), which waits on every pipe and every process  |
+      sentinel: reads the reply, copies outputs out, reports         |
+      call_done to the core, which completes the ForwardFuture and   |
+      hands the worker its next call -------------------------------'
       | a sentinel fires (the supervisor): that worker died. Only its own call fails
       | (WorkerCrashedError naming module, pid, exit code or signal); the
       | core starts a replacement at once.
@@ -39,6 +39,7 @@ started deadlocks), lazily, on the first ``submit``, ``warmup`` or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import itertools
@@ -51,6 +52,8 @@ import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
+
+import sniffio
 
 from ..._cpus import usable_cpus
 from ..._malloc import MALLOC_ENV
@@ -151,6 +154,7 @@ class ProcessWorker(Worker):
         self.watched = False  # the supervisor's current wait includes the pipe
         self.watch: _Watch | None = None  # a loop's add_reader on the pipe
         self.pending_close: Connection | None = None  # closed once no loop watches the pipe
+        self.trio_waits = 0  # trio tasks waiting until the pipe is readable (0 or 1)
         self.unread_since: float | None = None  # the supervisor's watch on a task's reply
 
     def start(self) -> None:
@@ -181,25 +185,33 @@ class ProcessWorker(Worker):
         return True
 
     def run_awaited(self, item: WorkItem, loop: Any) -> Any:
-        """Send ``item`` for a task that awaits it at once in the asyncio ``loop``: that loop
-        reads the reply (``_read_reply``, ``read_watched``) as soon as the pipe is readable,
-        so the call costs no supervisor wake-up and no thread-to-loop hand-off. The supervisor still
-        sees the process die, and takes the read over when the loop does not come to it
-        (a loop blocked in sync code): see ``Supervisor._watch_tasks``."""
-        if loop is None or item.stream is not None:
+        """Send ``item`` for a task that awaits it at once in the asyncio ``loop`` (None: a
+        trio task): that task's thread reads the reply as soon as the pipe is readable
+        (``_read_reply`` and ``read_watched``; ``_read_reply_trio``), so the call costs no
+        supervisor wake-up and no thread-to-loop hand-off. The supervisor still sees the
+        process die, and takes the read over when the task does not come to it (a loop
+        blocked in sync code): see ``Supervisor._watch_tasks``."""
+        if item.stream is not None:
+            self.run(item)
+            return None
+        if loop is not None:
+            reader = self._read_reply
+        elif sniffio.thread_local.name == "trio":
+            reader = self._read_reply_trio
+        else:
             self.run(item)
             return None
         token = object()
         with self.read_lock:
             self.reader = token
         if self._sent_later(item):
-            return functools.partial(self._read_reply, token)  # the loop still reads it
+            return functools.partial(reader, token)  # the task still reads it
         try:
             self.backend.send_call(self, item)
         except BaseException:
             self._release(token, ended=True)
             raise
-        return functools.partial(self._read_reply, token)
+        return functools.partial(reader, token)
 
     def _read_reply(
         self, token: object, fut: Any, loop: Any, box: list[Any]
@@ -229,6 +241,74 @@ class ProcessWorker(Worker):
                     watch.call = None  # the watch stays for this loop's next call
         finally:
             self._release(token, ended=False)  # unless the reply was read: nothing to do
+
+    def _read_reply_trio(
+        self, token: object, fut: Any, loop: None, box: list[Any]
+    ) -> Generator[Any, None, None]:
+        """``_read_reply`` for a trio task: it waits until the pipe is readable
+        (``trio.lowlevel.wait_readable``) and reads the reply itself, with no supervisor
+        thread and no ``run_sync_soon`` between the pipe and the task. The call ending
+        elsewhere (a timeout, a cancel, the supervisor taking the read over, the worker's
+        death) cancels that wait. Returns early, leaving the future to whoever ends it, as
+        ``_read_reply`` does; the task then waits on the future."""
+        try:
+            conn = self.conn
+            if conn is None or fut.done():
+                return
+            with self.read_lock:
+                if self.reader is not token or self.conn is not conn:
+                    return
+                self.trio_waits += 1  # the pipe stays open while trio waits on it
+            try:
+                yield from self._wait_and_read_trio(token, fut, conn)
+            finally:
+                with self.read_lock:
+                    self.trio_waits -= 1
+                    if self.pending_close is conn and self.trio_waits == 0 and self.watch is None:
+                        import trio  # imported here: trio is optional
+
+                        trio.lowlevel.notify_closing(conn.fileno())
+                        conn.close()
+                        self.pending_close = None
+        finally:
+            self._release(token, ended=False)  # unless the reply was read: nothing to do
+
+    def _wait_and_read_trio(
+        self, token: object, fut: Any, conn: Connection
+    ) -> Generator[Any, None, None]:
+        import trio  # imported here: trio is optional
+
+        fd = conn.fileno()
+        scope = trio.CancelScope()
+        ending = [False]  # this task ends the call: no need to wake it
+        trio_token = trio.lowlevel.current_trio_token()
+
+        def on_done(_f: object) -> None:  # any thread
+            if not ending[0]:
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio_token.run_sync_soon(scope.cancel)
+
+        fut.add_done_callback(on_done)
+        with scope:
+            while not fut.done():
+                # awaited: driven by the task's await of the future
+                yield from trio.lowlevel.wait_readable(fd).__await__()  # noqa: ASYNC105
+                with self.read_lock:
+                    if self.reader is not token or self.conn is not conn:
+                        return  # the supervisor took the read over, or the worker is gone
+                    if not tr.readable(fd):
+                        continue  # the supervisor read what woke us before it let go
+                    ending[0] = True
+                    try:
+                        data = tr.recv_message(fd)
+                        assert self.backend.supervisor is not None
+                        if self.backend.supervisor.handle(self, data, in_loop=True):
+                            self.reader = None  # ended, or handed to the supervisor to end
+                            return
+                    except (EOFError, OSError):
+                        return  # the worker died: the supervisor reports it
+                    finally:
+                        ending[0] = False
 
     def read_watched(self, watch: _Watch) -> None:
         """The loop sees the pipe readable while a task awaits its call: read the message
@@ -284,7 +364,7 @@ class ProcessWorker(Worker):
         with self.read_lock:
             if self.watch is watch:
                 self.watch = None
-            if self.pending_close is not None and self.watch is None:
+            if self.pending_close is not None and self.watch is None and not self.trio_waits:
                 self.pending_close.close()
                 self.pending_close = None
 

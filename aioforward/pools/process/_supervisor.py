@@ -427,12 +427,13 @@ class Supervisor:
             self._run_soon(only=w)
             w.conn = None
             watch = w.watch
-            if watch is None or watch.loop.is_closed():
-                if watch is not None:
-                    w.watch = None
-                    self._backend.watches.discard(watch)
+            if watch is not None and watch.loop.is_closed():
+                w.watch = None
+                self._backend.watches.discard(watch)
+                watch = None
+            if watch is None and not w.trio_waits:
                 conn.close()
-            else:  # a loop still watches it: the loop closes it when it ends its watch
+            else:  # a loop or a trio task still waits on it: it closes it when it lets go
                 w.pending_close = conn
         with contextlib.suppress(ValueError):
             proc.close()  # its sentinel descriptor
