@@ -83,7 +83,7 @@ def _alone(r: Results) -> list[Target]:
     tp = r["alone/uvloop/tiny/ThreadPool"]
     tt = r["alone/uvloop/tiny/to_thread"]["median"] - direct
     where = "(where the kernel places them in a program making only these calls)"
-    return [
+    rows = [
         Target(
             "ProcessPool round trip, tiny, vs the bare pipe round trip, each alone in a "
             "process of its own (asyncio)",
@@ -91,7 +91,20 @@ def _alone(r: Results) -> list[Target]:
             f"{pp['median'] / floor:.1f}x ({pp['median'] * 1e6:.0f} us, its processes "
             f"{pp['min'] * 1e6:.0f}-{pp['max'] * 1e6:.0f} us; pipe {floor * 1e6:.0f} us)",
             None,
-        ),
+        )
+    ]
+    on_trio = r.get("alone/trio/tiny/ProcessPool")
+    if on_trio is not None:  # trio is an extra: run where it is installed
+        rows.append(
+            Target(
+                "ProcessPool round trip, tiny, alone: trio vs asyncio",
+                "(the same path: the awaiting task reads its reply)",
+                f"{on_trio['median'] / pp['median']:.2f}x ({on_trio['median'] * 1e6:.0f} us "
+                f"vs {pp['median'] * 1e6:.0f} us)",
+                None,
+            )
+        )
+    return rows + [
         Target(
             "ThreadPool added per call, tiny, each alone in a process of its own (uvloop)",
             where,

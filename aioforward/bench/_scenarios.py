@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import functools
 import gc
+import importlib.util
 import multiprocessing
 import statistics
 import sys
@@ -105,28 +106,27 @@ async def overhead_alone(run: Run) -> None:
     Example: ``asyncio.run(overhead_alone(Run("smoke")))``.
     """
     rounds, calls = run.n(3, 2, 1), run.n(3000, 1000, 300)
-    variants = list(_alone.VARIANTS.items())
-    samples: dict[str, list[float]] = {name: [] for name, _ in variants}
+    has_trio = importlib.util.find_spec("trio") is not None
+    variants = [(name, loop) for name, loop in _alone.VARIANTS if loop != "trio" or has_trio]
+    samples: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
     for turn in range(rounds):
         shift = turn % len(variants)
         for name, loop in variants[shift:] + variants[:shift]:
-            if sys.platform == "win32":
-                loop = "asyncio"  # noqa: PLW2901 - no uvloop there
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
                 _ALONE_MAIN,
                 name,
-                loop,
+                "asyncio" if loop == "uvloop" and sys.platform == "win32" else loop,
                 str(calls),
                 stdout=asyncio.subprocess.PIPE,
             )
             out, _ = await proc.communicate()
             if proc.returncode != 0:
                 raise RuntimeError(f"the {name} process of overhead-alone exited {proc.returncode}")
-            samples[name].append(float(out.decode().strip().splitlines()[-1]))
+            samples[name, loop].append(float(out.decode().strip().splitlines()[-1]))
     for name, loop in variants:
-        record(run, f"alone/{loop}/tiny/{name}", samples[name])
+        record(run, f"alone/{loop}/tiny/{name}", samples[name, loop])
 
 
 async def seed(run: Run) -> None:
