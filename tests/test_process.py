@@ -731,6 +731,35 @@ async def test_loop_blocked_on_a_call_queued_behind_its_own_does_not_deadlock() 
         assert p.stats().completed == 2
 
 
+async def test_a_call_awaited_right_after_a_blocked_loop_takes_its_worker_back() -> None:
+    """As above, and the blocked task then awaits a call at once, on the worker the blocking
+    call just freed, before the first task has run again: the first task still waits on that
+    worker's pipe (on trio: one task at a time may wait on a descriptor), so the supervisor
+    reads the new call's reply, and all three calls return."""
+    with af.ProcessPool(workers=1) as p:
+        await ready(p)
+        first = anyio.Event()
+        results: list[object] = []
+        echo = M.Echo()
+        await p.warmup(echo)  # shipped: forward(echo) has no checkpoint before it sends
+
+        async def slow() -> None:
+            first.set()
+            results.append(await p.forward(M.Sleep(0.3)))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow)
+                await first.wait()
+                await anyio.sleep(0.05)  # the slow call is running, its reply owned by its task
+                (y,), _ = p.submit(echo, torch.ones(3)).result(timeout=20)  # blocks the loop
+                (z,), _ = await p.forward(echo, torch.ones(2))  # no checkpoint between
+            assert torch.equal(y, torch.ones(3)) and torch.equal(z, torch.ones(2))
+        assert len(results) == 1 and int(results[0]) in p.worker_pids()  # type: ignore[call-overload]
+        assert p.stats().completed == 3
+        assert_pool_idle(p)
+
+
 FRAME_CASES = [
     torch.randn(3, 4),
     torch.randn(2, dtype=torch.float64),

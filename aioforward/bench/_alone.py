@@ -54,7 +54,7 @@ async def measure(variant: str, calls: int) -> float:
         return await _time(lambda: asyncio.to_thread(alt.direct, m, x), calls)
     if variant == "direct":
         return await _time(lambda: alt.awaited(alt.direct, m, x), calls)
-    names = ", ".join(dict(VARIANTS))
+    names = ", ".join(dict(VARIANTS))  # each name once (ProcessPool runs on two loops)
     raise ValueError(f"variant must be one of {names}, got {variant!r}")
 
 

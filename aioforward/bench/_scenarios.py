@@ -123,7 +123,9 @@ async def overhead_alone(run: Run) -> None:
             )
             out, _ = await proc.communicate()
             if proc.returncode != 0:
-                raise RuntimeError(f"the {name} process of overhead-alone exited {proc.returncode}")
+                raise RuntimeError(
+                    f"the {name} ({loop}) process of overhead-alone exited {proc.returncode}"
+                )
             samples[name, loop].append(float(out.decode().strip().splitlines()[-1]))
     for name, loop in variants:
         record(run, f"alone/{loop}/tiny/{name}", samples[name, loop])

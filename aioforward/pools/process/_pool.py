@@ -148,13 +148,16 @@ class ProcessWorker(Worker):
         self.stream_error: BaseException | None = None  # a stream item the parent could not read
         # Who reads the replies (see run_awaited): None, the supervisor; or the token of the
         # task that awaits the running call and reads its reply in its own event loop.
-        # reader, watched, watch and pending_close change under read_lock.
+        # reader, watched, watch, pending_close and trio_waits change under read_lock.
         self.read_lock = threading.RLock()
         self.reader: object | None = None
         self.watched = False  # the supervisor's current wait includes the pipe
         self.watch: _Watch | None = None  # a loop's add_reader on the pipe
-        self.pending_close: Connection | None = None  # closed once no loop watches the pipe
-        self.trio_waits = 0  # trio tasks waiting until the pipe is readable (0 or 1)
+        # An exited worker's pipe, closed once no loop watches it and no trio task waits on it
+        self.pending_close: Connection | None = None
+        # Trio tasks waiting until the pipe is readable: while one does, the pipe stays open
+        # (trio must be told before it is closed) and no other task of its run waits on it
+        self.trio_waits = 0
         self.unread_since: float | None = None  # the supervisor's watch on a task's reply
 
     def start(self) -> None:
@@ -250,24 +253,29 @@ class ProcessWorker(Worker):
         thread and no ``run_sync_soon`` between the pipe and the task. The call ending
         elsewhere (a timeout, a cancel, the supervisor taking the read over, the worker's
         death) cancels that wait. Returns early, leaving the future to whoever ends it, as
-        ``_read_reply`` does; the task then waits on the future."""
+        ``_read_reply`` does; the task then waits on the future.
+
+        It also leaves the read to the supervisor while another task still waits on the pipe:
+        one whose call the supervisor took over while their thread was blocked, and that has
+        not run since (trio lets one task at a time wait until a descriptor is readable)."""
+        import trio  # imported here: trio is optional
+
         try:
             conn = self.conn
             if conn is None or fut.done():
                 return
             with self.read_lock:
-                if self.reader is not token or self.conn is not conn:
+                if self.reader is not token or self.conn is not conn or self.trio_waits:
                     return
-                self.trio_waits += 1  # the pipe stays open while trio waits on it
+                self.trio_waits += 1
             try:
                 yield from self._wait_and_read_trio(token, fut, conn)
             finally:
                 with self.read_lock:
                     self.trio_waits -= 1
                     if self.pending_close is conn and self.trio_waits == 0 and self.watch is None:
-                        import trio  # imported here: trio is optional
-
-                        trio.lowlevel.notify_closing(conn.fileno())
+                        with contextlib.suppress(RuntimeError):  # closed outside the run
+                            trio.lowlevel.notify_closing(conn.fileno())
                         conn.close()
                         self.pending_close = None
         finally:
@@ -276,6 +284,10 @@ class ProcessWorker(Worker):
     def _wait_and_read_trio(
         self, token: object, fut: Any, conn: Connection
     ) -> Generator[Any, None, None]:
+        """Wait until ``conn`` is readable or the call ends elsewhere; read and act on the
+        reply (``Supervisor.handle``). Returns when the call ended, was handed to the
+        supervisor, or is no longer this task's to read. A message that cannot be read for
+        another reason than the worker's death fails the call, which the caller sees."""
         import trio  # imported here: trio is optional
 
         fd = conn.fileno()

@@ -118,8 +118,8 @@ def _spin(pending: select.poll) -> bool:
     """Look for the next message on the pipe for ``SPIN_S``; return whether it came.
 
     A call awaited right after the last one (a generation loop, a client's next request)
-    reaches the worker some 40 us after its reply here (asyncio, uvloop and trio, whose
-    tasks read their replies themselves). Asleep, the worker costs the
+    reaches the worker tens of microseconds after its reply (some 40 us here on asyncio;
+    trio's tasks read their replies themselves too). Asleep, the worker costs the
     parent an eventfd write that wakes another core (8 us of the parent's time on this
     VM's 2 vCPUs, and the wake-up's latency besides): a tiny module's round trip, alone
     in a program, took 100 us asleep and 69 us with this look. Each pass yields the core
