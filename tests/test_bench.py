@@ -381,6 +381,28 @@ def test_ray_rows_are_skipped_without_ray(monkeypatch: pytest.MonkeyPatch) -> No
         asyncio.run(ray_actors(Run("smoke")))
 
 
+def test_the_trio_row_says_why_it_did_not_run_without_trio() -> None:
+    """trio comes with the bench extra; installed without it, the bench skips trio's variant
+    of overhead-alone and its row says so instead of vanishing."""
+    fig = {"median": 100e-6, "min": 90e-6, "max": 120e-6}
+    results = {
+        key: fig
+        for key in (
+            "alone/asyncio/tiny/pipe-floor",
+            "alone/asyncio/tiny/ProcessPool",
+            "alone/uvloop/tiny/direct",
+            "alone/uvloop/tiny/to_thread",
+            "alone/uvloop/tiny/ThreadPool",
+        )
+    }
+    results["alone/uvloop/tiny/direct"] = {**fig, "median": 10e-6}
+    (row,) = [r for r in _report._alone(results) if "trio" in r.figure]
+    assert row.measured == "not run (trio is not installed: pip install 'aioforward[bench]')"
+    results["alone/trio/tiny/ProcessPool"] = {**fig, "median": 50e-6}
+    (row,) = [r for r in _report._alone(results) if "trio" in r.figure]
+    assert row.measured == "0.50x (50 us vs 100 us)"
+
+
 def test_a_ratio_that_rounds_to_its_target_shows_more_digits() -> None:
     """0.946 must not read "0.95x" in a row judged against ">= 0.95x"."""
     assert _report._x(0.946, 0.95) == "0.946x"

@@ -93,17 +93,18 @@ def _alone(r: Results) -> list[Target]:
             None,
         )
     ]
-    on_trio = r.get("alone/trio/tiny/ProcessPool")
-    if on_trio is not None:  # trio is an extra: run where it is installed
-        rows.append(
-            Target(
-                "ProcessPool round trip, tiny, alone: trio vs asyncio",
-                "(the same path: the awaiting task reads its reply)",
-                f"{on_trio['median'] / pp['median']:.2f}x ({on_trio['median'] * 1e6:.0f} us "
-                f"vs {pp['median'] * 1e6:.0f} us)",
-                None,
-            )
+    on_trio = r.get("alone/trio/tiny/ProcessPool")  # None where trio is not installed
+    rows.append(
+        Target(
+            "ProcessPool round trip, tiny, alone: trio vs asyncio",
+            "(the same path: the awaiting task reads its reply)",
+            "not run (trio is not installed: pip install 'aioforward[bench]')"
+            if on_trio is None
+            else f"{on_trio['median'] / pp['median']:.2f}x ({on_trio['median'] * 1e6:.0f} us "
+            f"vs {pp['median'] * 1e6:.0f} us)",
+            None,
         )
+    )
     return rows + [
         Target(
             "ThreadPool added per call, tiny, each alone in a process of its own (uvloop)",
