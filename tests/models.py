@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -88,6 +89,15 @@ class Busy(nn.Module):
 class Pid(nn.Module):
     def forward(self, x: Any = None) -> int:
         return os.getpid()
+
+
+class Warns(nn.Module):
+    """Warns ``message``; returns how many warnings got past the process's filters."""
+
+    def forward(self, message: str) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn(message, UserWarning, stacklevel=1)
+        return len(caught)
 
 
 class Boom(nn.Module):

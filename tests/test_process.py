@@ -70,6 +70,14 @@ async def test_results_equal_direct_call_and_structures(shared: af.ProcessPool) 
     assert_pool_idle(shared)
 
 
+async def test_workers_do_not_repeat_torchs_numpy_warning(shared: af.ProcessPool) -> None:
+    """torch without numpy warns at import; the program shows it, its workers do not again
+    (every other warning gets through)."""
+    missing = "Failed to initialize NumPy: No module named 'numpy'"
+    assert await shared.forward(M.Warns(), missing) == 0
+    assert await shared.forward(M.Warns(), "any other warning") == 1
+
+
 async def test_s1_exception_keeps_type_with_worker_traceback(shared: af.ProcessPool) -> None:
     pids = set(shared.worker_pids())
     with pytest.raises(ValueError, match=r"boom: \(2,\)") as info:

@@ -83,6 +83,7 @@ __all__ = ["ProcessPool"]
 
 _pool_ids = itertools.count()
 WORKER_ENV = "AIOFORWARD_WORKER"  # set in a worker's environment: its bootstrap can tell
+NUMPY_WARNING_FILTER = "ignore:Failed to initialize NumPy"  # a -W filter: see environment()
 
 MAIN_GUARD_HELP = (
     "the main module (or a module it imports) started a pool while a worker process was "
@@ -600,6 +601,11 @@ class ProcessBackend(Backend):
             "OMP_NUM_THREADS": str(self.threads_per_worker),
             "MKL_NUM_THREADS": str(self.threads_per_worker),
             WORKER_ENV: "1",
+            # torch without numpy warns "Failed to initialize NumPy" at import (aioforward
+            # does not use numpy); the program has shown it once, not again per worker.
+            "PYTHONWARNINGS": ",".join(
+                filter(None, (os.environ.get("PYTHONWARNINGS"), NUMPY_WARNING_FILTER))
+            ),
         }
 
     def worker_options(self, w: ProcessWorker) -> WorkerOptions:
