@@ -89,23 +89,40 @@ async def per_call(run: Run, name: str, step: Step, n: int) -> float:
     return await rounds(run, name, step, n, warmup=max(5, n // 10))
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``range(n)`` in which each index directly follows each other one equally
+    often (a Williams design): ``n`` orders for an even ``n``, ``2 * n`` for an odd one.
+    Rotating one order would not do: each index would follow the same neighbour every time
+    but once (with the bench's pause after a baseline at two torch threads, the variant after
+    it always started on cores the host had let go cold).
+
+    Example: ``balanced_orders(3) == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0], [0, 2, 1],
+    [1, 0, 2]]``.
+    """
+    first = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]  # 0 1 n-1 2 ..
+    orders = [[(i + shift) % n for i in first] for shift in range(n)]
+    if n % 2:  # an odd count needs each order reversed too
+        orders += [order[::-1] for order in orders]
+    return orders
+
+
 async def interleaved(
     run: Run, variants: dict[str, tuple[Step, int]], n: int, block: int = 1
 ) -> None:
     """Time the variants round-robin (``block`` calls per turn, ``n`` turns), each at its
     torch thread count, after one warm-up turn each; record each variant's median, and the
     medians of the first, second and last third of its samples (``round1`` ... ``round3``).
-    Each round starts one variant further on, so that each follows each of the others alike:
-    what a variant leaves behind (a spinning OpenMP team, cold caches) does not always tax
-    the same neighbour.
+    The turns take the variants in the orders of :func:`balanced_orders`, so that each
+    follows each of the others alike: what a variant leaves behind (a spinning OpenMP team,
+    cold caches, cores left idle during a pause) does not always tax the same neighbour.
 
     Example: ``await interleaved(run, {"a": (step_a, 1), "b": (step_b, 2)}, 15)``.
     """
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants.items())
+    items = list(variants.items())
+    orders = balanced_orders(len(items))
     for turn, warm in enumerate([True] + [False] * n):
-        shift = turn % len(order)
-        for name, (step, threads) in order[shift:] + order[:shift]:
+        for name, (step, threads) in (items[i] for i in orders[turn % len(orders)]):
             torch.set_num_threads(threads)
             for _ in range(block):
                 t0 = time.perf_counter()
