@@ -361,3 +361,15 @@ class Looping(nn.Module):
 
 def not_a_generator(n: int) -> int:
     return n * 2
+
+
+def default_policy() -> None:
+    """A worker initializer: back to the default scheduling policy (a worker's own choice)."""
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+class Policy(nn.Module):
+    """Returns the scheduling policy of the thread that runs its forward pass."""
+
+    def forward(self) -> int:
+        return os.sched_getscheduler(0)

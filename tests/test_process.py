@@ -78,6 +78,17 @@ async def test_workers_do_not_repeat_torchs_numpy_warning(shared: af.ProcessPool
     assert await shared.forward(M.Warns(), "any other warning") == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's policy")
+async def test_workers_compute_under_sched_batch_unless_their_initializer_says_otherwise(
+    shared: af.ProcessPool,
+) -> None:
+    """A worker woken for a call must not take the core from the event loop's thread (see
+    ``batch_policy``); an initializer can choose another policy."""
+    assert await shared.forward(M.Policy()) == os.SCHED_BATCH
+    async with af.ProcessPool(workers=1, initializer=M.default_policy) as pool:
+        assert await pool.forward(M.Policy()) == os.SCHED_OTHER
+
+
 async def test_s1_exception_keeps_type_with_worker_traceback(shared: af.ProcessPool) -> None:
     pids = set(shared.worker_pids())
     with pytest.raises(ValueError, match=r"boom: \(2,\)") as info:
