@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import aioforward as af
 
-from .models import Block, Policy, Tiny
+from .models import Block, Tiny
 
 pytestmark = pytest.mark.anyio
 
@@ -25,15 +23,6 @@ async def test_no_grad_by_default_and_thread_budget() -> None:
         inference, grad, threads = await pool.forward(Probe(), torch.zeros(1))
     assert not inference and not grad and threads == 2
     assert torch.get_num_threads() == before  # restored on close
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's policy")
-async def test_workers_compute_under_sched_batch_and_the_caller_keeps_its_policy() -> None:
-    """A worker thread woken for a call must not take the core from the event loop's thread
-    (``_cpus.batch_policy``); the loop's own thread keeps the default policy."""
-    async with af.ThreadPool(workers=1) as pool:
-        assert await pool.forward(Policy()) == os.SCHED_BATCH
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 async def test_default_budget_divides_usable_cpus() -> None:

@@ -134,8 +134,6 @@ class CudaStreamPool(ThreadPool):
 class CudaBackend(ThreadBackend):
     """Launch threads that run each module on its own CUDA stream."""
 
-    batch_threads = False
-
     def __init__(
         self,
         name: str,

@@ -36,7 +36,7 @@ import torch
 
 from .. import _cancel
 from .._call import ModuleSpec
-from .._cpus import batch_policy, usable_cpus
+from .._cpus import usable_cpus
 from .._stream import iter_of, not_a_call
 from .._validate import check_bool, check_int, check_number
 from ._base import Backend, Pool
@@ -112,10 +112,6 @@ def _thread_main(
 class ThreadBackend(Backend):
     """Runs calls in this process; shared by the ThreadPool's workers (and CUDA's)."""
 
-    # Its threads compute under SCHED_BATCH (see _cpus.batch_policy); not a CUDA pool's
-    # launch threads, which wait on the GPU and should launch its next kernels at once.
-    batch_threads = True
-
     def __init__(
         self,
         name: str,
@@ -158,8 +154,6 @@ class ThreadBackend(Backend):
         self._restore = None
 
     def thread_setup(self) -> None:
-        if self.batch_threads:
-            batch_policy()  # a thread woken for a call leaves the event loop its core
         if self.threads_per_worker:
             # OpenMP's thread count is a per-thread setting that new threads
             # inherit from the environment, not from the main thread's
