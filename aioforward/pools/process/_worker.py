@@ -117,7 +117,7 @@ def batch_policy() -> bool:
     core: under the default policy it took the core from the loop at once, which then sat
     behind it (up to the next scheduler tick, 4 ms, while the other core idled). Measured here
     with two workers computing an mlp pair in turn with each policy: the loop's 1 ms heartbeat
-    was late by 3.1-4.3 ms at p99, against 2.3-2.7 ms with ``SCHED_BATCH``, and the parent's
+    was late by 3.1-4.3 ms at p99, against 2.3-3.4 ms with ``SCHED_BATCH``, and the parent's
     eventfd write that wakes a worker returned after 1 ms on average (preempted), against
     50-90 us; the pair's time and a tiny call's did not move. The loop still preempts a worker
     when it wakes. An initializer may set another policy
