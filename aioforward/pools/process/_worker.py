@@ -109,7 +109,7 @@ def worker_main(conn: Connection, opts: WorkerOptions) -> None:
     _Server(conn, opts, wake_fd).serve()
 
 
-def batch_policy() -> bool:
+def batch_policy() -> None:
     """Run this thread, and the threads it starts from now on, under ``SCHED_BATCH`` (Linux):
     the scheduler's policy for CPU-bound work, as fair as the default one, but a batch task
     woken up does not preempt the task running where it lands. The parent's event loop wakes
@@ -121,19 +121,14 @@ def batch_policy() -> bool:
     eventfd write that wakes a worker returned after 1 ms on average (preempted), against
     50-90 us; the pair's time and a tiny call's did not move. The loop still preempts a worker
     when it wakes. An initializer may set another policy
-    (``os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))``). Returns whether the
-    policy was set.
+    (``os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))``).
 
     Example: ``batch_policy()`` (in a worker process, before torch starts threads)."""
-    setscheduler = getattr(os, "sched_setscheduler", None)
-    policy = getattr(os, "SCHED_BATCH", None)
-    if setscheduler is None or policy is None:
-        return False  # not Linux
-    try:
-        setscheduler(0, policy, os.sched_param(0))
-    except OSError:  # refused (a seccomp profile, say): the default policy is still correct
-        return False
-    return True
+    if not hasattr(os, "SCHED_BATCH"):
+        return  # not Linux
+    # Refused (a seccomp profile, say): the default policy is still correct.
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 SPIN_S = 200e-6
