@@ -156,6 +156,25 @@ class Exit(nn.Module):
         os._exit(self.code)
 
 
+class CloseAndLinger(nn.Module):
+    """Closes its worker's pipe to the parent, then lives on ``seconds`` before os._exit(3):
+    a worker whose end the parent sees (end of file) before its exit."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: Any = None) -> Any:
+        import gc
+        import multiprocessing.connection
+
+        for obj in gc.get_objects():
+            if isinstance(obj, multiprocessing.connection.Connection) and not obj.closed:
+                obj.close()
+        time.sleep(self.seconds)
+        os._exit(3)
+
+
 class Hog(nn.Module):
     """Allocates far more than the worker's RLIMIT_AS allows."""
 

@@ -231,6 +231,36 @@ async def test_s13_exit_and_segfault(pool: af.ProcessPool, code: int, words: str
     assert (await pool.forward(M.Echo(), 2))[0] == (2,)
 
 
+async def test_s13_a_worker_that_closed_its_pipe_costs_the_parent_no_cpu_until_it_exits(
+    pool: af.ProcessPool,
+) -> None:
+    # Its pipe at end of file stays readable: the supervisor used to wait on it again at once,
+    # and spun a core for as long as the worker took to exit (0.3 s of interpreter teardown
+    # at every shutdown; here 1 s).
+    await pool.wait_ready(60)
+    c0 = time.process_time()
+    with pytest.raises(af.WorkerCrashedError, match="exited with code 3"):
+        await pool.forward(M.CloseAndLinger(1.0))
+    assert time.process_time() - c0 < 0.3
+    assert (await pool.forward(M.Echo(), 2))[0] == (2,)
+
+
+async def test_s13_a_worker_that_closed_its_pipe_and_hangs_is_killed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aioforward.pools.process import _supervisor
+
+    monkeypatch.setattr(_supervisor, "EOF_GRACE_S", 0.5)
+    with af.ProcessPool(workers=1) as pool:
+        await pool.wait_ready(60)
+        t0 = time.monotonic()
+        with pytest.raises(af.WorkerCrashedError, match="closed its pipe") as info:
+            await pool.forward(M.CloseAndLinger(60))
+        assert time.monotonic() - t0 < 5
+        assert info.value.exitcode == -signal.SIGKILL
+        assert (await pool.forward(M.Echo(), 2))[0] == (2,)
+
+
 async def test_s14_out_of_memory_is_a_crash_with_hint(pool: af.ProcessPool) -> None:
     with pytest.raises(af.WorkerCrashedError, match="ran out of memory"):
         await pool.forward(M.Hog())

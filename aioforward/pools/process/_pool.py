@@ -153,6 +153,9 @@ class ProcessWorker(Worker):
         self.read_lock = threading.RLock()
         self.reader: object | None = None
         self.watched = False  # the supervisor's current wait includes the pipe
+        # When the pipe gave end of file: the worker closed it, and its exit (the sentinel)
+        # follows, or the supervisor kills it after EOF_GRACE_S (it can reply no more).
+        self.eof_at: float | None = None
         self.watch: _Watch | None = None  # a loop's add_reader on the pipe
         # An exited worker's pipe, closed once no loop watches it and no trio task waits on it
         self.pending_close: Connection | None = None
@@ -465,6 +468,8 @@ class ProcessWorker(Worker):
             sig = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
             how = f"was killed by signal {sig}"
             hint = " (SIGKILL: the kernel's OOM killer or a timeout)" if sig == "SIGKILL" else ""
+            if sig == "SIGKILL" and self.eof_at is not None:
+                hint = " (it had closed its pipe and did not exit: the supervisor killed it)"
         else:
             how, hint = f"exited with code {code}", ""
         return WorkerCrashedError(

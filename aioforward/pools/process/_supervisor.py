@@ -77,6 +77,10 @@ WATCH_INTERVAL = 0.1
 # Below it the calling thread copies: about 1 ms at most here, where handing the copy to this
 # thread costs a wake-up (0.2 ms) that a mid-size call would pay each way.
 LOOP_COPY_MAX = 4 << 20
+# A worker that closed its pipe (its reply can no longer come) and has not exited this long
+# after, while not told to stop, is killed: its call fails rather than wait on it for ever.
+# A worker that was told to stop is left to exit on its own (its atexit handlers run).
+EOF_GRACE_S = 5.0
 
 
 class Supervisor:
@@ -185,16 +189,21 @@ class Supervisor:
             for w in procs:
                 assert w.conn is not None and w.proc is not None
                 with w.read_lock:  # a task reading its own call's reply has the pipe
-                    w.watched = w.reader is None
+                    # A pipe at end of file stays readable: waiting on it would spin this
+                    # thread (a core, taken from the workers) until the exit is seen.
+                    w.watched = w.reader is None and w.eof_at is None
                 if w.watched:
                     waitables.append(w.conn)
                     by_conn[w.conn] = w
-                else:
+                elif w.eof_at is None:
                     timeout = WATCH_INTERVAL if timeout is None else min(timeout, WATCH_INTERVAL)
                 waitables.append(w.proc.sentinel)
                 by_sentinel[w.proc.sentinel] = w
                 if not w.reported_ready:
                     left = max(0.0, w.t_spawn + timeout_s - now)
+                    timeout = left if timeout is None else min(timeout, left)
+                if w.eof_at is not None and not w.stopping:
+                    left = max(0.0, w.eof_at + EOF_GRACE_S - now)
                     timeout = left if timeout is None else min(timeout, left)
             ready = multiprocessing.connection.wait(waitables, timeout)
             dead: list[ProcessWorker] = []
@@ -213,6 +222,15 @@ class Supervisor:
             for w in procs:
                 if not w.reported_ready and w not in dead and now - w.t_spawn > timeout_s:
                     w.start_error = f"worker did not start within {timeout_s} s"
+                    assert w.proc is not None
+                    with contextlib.suppress(OSError, ValueError):
+                        w.proc.kill()
+                elif (
+                    w.eof_at is not None
+                    and not w.stopping
+                    and w not in dead
+                    and now - w.eof_at >= EOF_GRACE_S
+                ):
                     assert w.proc is not None
                     with contextlib.suppress(OSError, ValueError):
                         w.proc.kill()
@@ -292,7 +310,8 @@ class Supervisor:
                     return
                 data = tr.recv_message(conn.fileno())
             except (EOFError, OSError):
-                return  # the sentinel reports the exit
+                w.eof_at = time.monotonic()  # not waited on again: the sentinel reports the
+                return  # exit (or EOF_GRACE_S passes: see _loop)
             self.handle(w, data)
 
     def handle(self, w: ProcessWorker, data: bytes, in_loop: bool = False) -> bool:
