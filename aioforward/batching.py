@@ -76,14 +76,19 @@ _Sink = ForwardFuture[Any] | asyncio.Future[Any]
 
 
 class _Batch:
-    __slots__ = ("deadline", "futures", "key", "leaves", "out", "spec")
+    __slots__ = ("deadline", "futures", "key", "leaves", "loop", "out", "spec")
 
-    def __init__(self, key: Hashable, spec: Spec, deadline: float) -> None:
+    def __init__(
+        self, key: Hashable, spec: Spec, deadline: float, loop: asyncio.AbstractEventLoop | None
+    ) -> None:
         self.key = key
         self.spec = spec
         self.deadline = deadline  # runs when a slot is free and this time has come
         self.leaves: list[list[Any]] = []
         self.futures: list[_Sink] = []
+        # The loop whose asyncio futures are all of ``futures``; None if any is not (see
+        # _deliver: the rows then go to each future's loop, sorted there one by one).
+        self.loop = loop
         self.out: concurrent.futures.Future[Any] | None = None  # the pool's call, once run
 
     def abandon(self, f: Any) -> None:
@@ -163,7 +168,8 @@ class Batcher:
         Example: ``probs = await batcher(x, timeout=1.0)``. ``timeout`` raises
         the built-in ``TimeoutError``.
         """
-        check_timeout(timeout)
+        if timeout is not None:
+            check_timeout(timeout)
         loop = running_asyncio_loop()
         if loop is None:  # trio: through a ForwardFuture
             fut: Any = self.submit(*args, **kwargs)
@@ -173,7 +179,7 @@ class Batcher:
             # thread-safe future, callback or hand-off of its own per request; a batch's
             # rows reach each loop in one call (see _deliver).
             fut = loop.create_future()
-            batch = self._add(args, kwargs, fut)
+            batch = self._add(args, kwargs, fut, loop)
         try:
             if timeout is None:  # no cancel scope: it costs more than the rest of the call
                 return await fut
@@ -193,43 +199,56 @@ class Batcher:
         """
         fut: ForwardFuture[Any] = ForwardFuture()
         fut._on_cancel = _notify_cancelled
-        batch = self._add(args, kwargs, fut)
+        batch = self._add(args, kwargs, fut, None)
         fut.add_done_callback(batch.abandon)
         return fut
 
-    def _add(self, args: tuple[Any, ...], kwargs: dict[str, Any], fut: _Sink) -> _Batch:
-        """Put one sample in the batch it can share; return that batch."""
+    def _add(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        fut: _Sink,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> _Batch:
+        """Put one sample in the batch it can share; return that batch. ``loop`` is the loop
+        of ``fut``, an asyncio future; None for a ForwardFuture."""
         if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor:
-            leaves, spec = list(args), _ONE_TENSOR  # the common request: one tensor
+            # The common request, one plain tensor: a flat key of what _signature compares
+            # (half the cost of the general key, on the event loop's thread, per request).
+            x = args[0]
+            leaves, spec = [x], _ONE_TENSOR
+            key: Hashable = (x.shape, x.dtype, x.device, x.requires_grad)
         else:
             leaves, spec = flatten((args, kwargs))
-        key = (spec, tuple([_signature(v) for v in leaves]))
-        with self._cv:
+            key = (spec, tuple([_signature(v) for v in leaves]))
+        with self._lock:  # (the Condition's lock: notify() below is allowed)
             if self._closed:
                 raise PoolClosedError(f"cannot submit to {self._name}: it has been closed")
             batch = self._open.get(key)
             wake = batch is None  # a new batch: the flusher has a new deadline to track
             if batch is None:
                 deadline = time.monotonic() + self.max_delay
-                batch = self._open[key] = _Batch(key, spec, deadline)
+                batch = self._open[key] = _Batch(key, spec, deadline, loop)
+            elif batch.loop is not loop:
+                batch.loop = None
             batch.leaves.append(leaves)
             batch.futures.append(fut)
             if len(batch.futures) >= self.max_batch_size:
                 del self._open[key]
                 self._ready.append(batch)
                 wake = True
-            self._ensure_thread_locked()
+            if self._thread is None:
+                self._start_thread_locked()
             if wake:  # a sample joining a waiting batch changes nothing for the flusher
                 self._cv.notify()
         return batch
 
     # ------------------------------------------------------------------ flushing
-    def _ensure_thread_locked(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._flusher, name=f"aioforward-batcher-{id(self):x}", daemon=True
-            )
-            self._thread.start()
+    def _start_thread_locked(self) -> None:
+        self._thread = threading.Thread(
+            target=self._flusher, name=f"aioforward-batcher-{id(self):x}", daemon=True
+        )
+        self._thread.start()
 
     def _flusher(self) -> None:
         # Stacking a batch is a small copy: on this thread alone (OpenMP keeps the count per
@@ -245,7 +264,7 @@ class Batcher:
                 if self._thread is threading.current_thread():
                     self._thread = None  # the next submit starts a new flusher
             for batch in stranded:
-                _deliver(batch.futures, exc=exc)
+                _deliver(batch.futures, batch.loop, exc=exc)
             raise
 
     def _flush(self) -> None:
@@ -305,7 +324,7 @@ class Batcher:
             out = pool.submit_call(Call(self.module, tuple(args), dict(kwargs)))
         except BaseException as exc:
             self._done_one()
-            _deliver(futures, exc=exc)
+            _deliver(futures, batch.loop, exc=exc)
             return
         with self._lock:
             self._batches += 1
@@ -313,28 +332,33 @@ class Batcher:
             self._largest = max(self._largest, len(futures))
         batch.out = out
         batch.abandon(futures[0])  # every caller may have left while it was submitted
-        out.add_done_callback(lambda o: self._split(o, futures))
+        out.add_done_callback(lambda o: self._split(o, futures, batch.loop))
 
     def _done_one(self) -> None:
         with self._cv:
             self._in_flight -= 1
             self._cv.notify()  # a slot is free: the flusher may start the next batch
 
-    def _split(self, out: concurrent.futures.Future[Any], futures: list[_Sink]) -> None:
+    def _split(
+        self,
+        out: concurrent.futures.Future[Any],
+        futures: list[_Sink],
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self._done_one()
         if out.cancelled():
-            _deliver(futures, cancel=True)
+            _deliver(futures, loop, cancel=True)
             return
         exc = out.exception()
         if exc is not None:
-            _deliver(futures, exc=exc)
+            _deliver(futures, loop, exc=exc)
             return
         try:
             rows = self._rows(out.result(), len(futures))
         except Exception as e:  # a bad output: every caller of the batch gets the error
-            _deliver(futures, exc=e)
+            _deliver(futures, loop, exc=e)
             return
-        _deliver(futures, rows)
+        _deliver(futures, loop, rows)
 
     def _rows(self, output: Any, n: int) -> Sequence[Any]:
         """Split a batch's ``output`` into the ``n`` callers' rows."""
@@ -425,37 +449,51 @@ def _signature(leaf: Any) -> Hashable:
 
 def _deliver(
     futures: Sequence[_Sink],
+    loop: asyncio.AbstractEventLoop | None,
     rows: Sequence[Any] | None = None,
     exc: BaseException | None = None,
     cancel: bool = False,
 ) -> None:
     """End each caller's future: with its row, ``exc``, or cancelled. A ForwardFuture is set
-    here (any thread); the asyncio futures of one loop are set by one call in that loop."""
-    loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-    for f, row in zip(futures, rows if rows is not None else [None] * len(futures), strict=True):
-        if isinstance(f, ForwardFuture):
-            try:
-                _settle(f, row, exc, cancel)
-            except concurrent.futures.InvalidStateError:  # cancelled meanwhile
-                pass
-        elif not f.done():  # a racy read, made good in _settle_in_loop
-            loops.setdefault(f.get_loop(), []).append((f, row))
-    for loop, pairs in loops.items():
+    here (any thread); the asyncio futures of one loop are set by one call in that loop.
+    ``loop``: the loop of every future (the common batch: awaited on one loop, sorted by
+    nobody), or None."""
+    groups: list[tuple[asyncio.AbstractEventLoop, Sequence[Any], Sequence[Any] | None]] = []
+    if loop is not None:
+        groups.append((loop, futures, rows))
+    else:
+        by_loop: dict[asyncio.AbstractEventLoop, tuple[list[Any], list[Any]]] = {}
+        for i, f in enumerate(futures):
+            row = None if rows is None else rows[i]
+            if isinstance(f, ForwardFuture):
+                try:
+                    _settle(f, row, exc, cancel)
+                except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+                    pass
+            elif not f.done():  # a racy read, made good in _settle_in_loop
+                fs, rs = by_loop.setdefault(f.get_loop(), ([], []))
+                fs.append(f)
+                rs.append(row)
+        groups += [(lp, fs, None if rows is None else rs) for lp, (fs, rs) in by_loop.items()]
+    for target, sinks, their_rows in groups:
         with contextlib.suppress(RuntimeError):  # that loop is closed: nobody awaits there
-            loop.call_soon_threadsafe(_settle_in_loop, pairs, exc, cancel)
+            target.call_soon_threadsafe(_settle_in_loop, sinks, their_rows, exc, cancel)
 
 
 def _settle_in_loop(
-    pairs: list[tuple[asyncio.Future[Any], Any]], exc: BaseException | None, cancel: bool
+    futures: Sequence[asyncio.Future[Any]],
+    rows: Sequence[Any] | None,
+    exc: BaseException | None,
+    cancel: bool,
 ) -> None:
-    if exc is None and not cancel:  # the common case, once per row: no call of _settle
-        for f, row in pairs:
+    if rows is not None:  # the common case, once per row: no call of _settle
+        for f, row in zip(futures, rows, strict=True):
             if not f.done():  # else its caller was cancelled or timed out
                 f.set_result(row)
         return
-    for f, row in pairs:
+    for f in futures:
         if not f.done():  # else its caller was cancelled or timed out
-            _settle(f, row, exc, cancel)
+            _settle(f, None, exc, cancel)
 
 
 def _settle(f: _Sink, row: Any, exc: BaseException | None, cancel: bool) -> None:

@@ -143,6 +143,28 @@ async def test_module_error_reaches_every_caller_of_the_batch() -> None:
                 await f
 
 
+async def test_a_batch_of_awaiting_callers_and_submitted_futures_ends_them_all() -> None:
+    """Rows and errors reach a batch that mixes ``await batcher(x)`` (this loop's futures,
+    set in one call of the loop) and ``batcher.submit(x)`` (ForwardFutures)."""
+    m = Recorder()
+    async with af.ThreadPool(workers=1) as pool, af.Batcher(m, pool, max_delay=0.2) as batcher:
+        submitted = batcher.submit(torch.full((4,), 1.0))
+        awaited, also = await gather(batcher, [torch.full((4,), 2.0), torch.full((4,), 3.0)])
+        with torch.inference_mode():
+            for k, row in ((1.0, await submitted), (2.0, awaited), (3.0, also)):
+                torch.testing.assert_close(row, m.lin(torch.full((4,), k)))
+    assert m.sizes == [3]
+    async with (
+        af.ThreadPool(workers=1) as pool,
+        af.Batcher(M.Boom(), pool, max_delay=0.2) as batcher,
+    ):
+        submitted = batcher.submit(torch.zeros(2))
+        with pytest.raises(ValueError, match=r"boom: \(2, 2\)"):
+            await batcher(torch.zeros(2))
+        with pytest.raises(ValueError, match=r"boom: \(2, 2\)"):
+            await submitted
+
+
 async def test_output_without_a_row_per_sample_is_a_clear_error() -> None:
     async with af.ThreadPool(workers=1) as pool, af.Batcher(WrongRows(), pool) as batcher:
         with pytest.raises(ValueError, match=r"shape \(\) for a batch of 1 samples"):
