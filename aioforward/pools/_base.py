@@ -725,21 +725,25 @@ class PoolCore:
             self.backend.join(10)
             self._timer.stop(join=True)
 
-    def abort(self) -> None:
+    def abort(self, *, hurry: bool = False) -> None:
         """Cancel every call, queued or running, and stop the workers without waiting for
         those calls to end: a process worker running one is killed, a thread stops at its
         next block boundary (the interpreter's exit after Ctrl-C). Whatever state the pool
-        is in: a ``shutdown`` that was finishing the queue is cut short."""
+        is in: a ``shutdown`` that was finishing the queue is cut short. ``hurry`` (Ctrl-C
+        came again): return without waiting for threads, which may never reach a block
+        boundary (they are daemons: the interpreter's exit leaves them); killed processes
+        are still waited for, or multiprocessing's own exit hook would race our reaping."""
         with self._lock:
             queued = list(self._queue)
             running = [(w, w.item) for w in self._all if w.item is not None]
+            wait = not hurry or all(w.interruptible for w in self._all)
         for item in queued:
             item.future.cancel()
         for w, item in running:
             item.future.cancel()
             if item.future.done():  # cancelled now, or abandoned earlier (a timeout)
                 self._stop_running(w, item, kill=True, now=True)
-        self.shutdown(wait=True, queued=_Queued.CANCEL)
+        self.shutdown(wait=wait, queued=_Queued.CANCEL)
 
     def _maybe_closed(self) -> None:
         with self._lock:
@@ -786,17 +790,20 @@ def _at_exit() -> None:
     interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt) and not hasattr(
         sys, "ps1"
     )
+    hurry = False
     for core in cores:
-        try:
-            if interrupted:
-                core.abort()
-            else:
-                core.shutdown(wait=True, queued=_Queued.RUN)
-        except KeyboardInterrupt:
-            # Ctrl-C while the calls finish: stop them all now. Return only once the workers
-            # are gone, or multiprocessing's own exit hook would race our reaping of them.
-            interrupted = True
-            core.abort()
+        while True:
+            try:
+                if interrupted:
+                    core.abort(hurry=hurry)
+                else:
+                    core.shutdown(wait=True, queued=_Queued.RUN)
+                break
+            except KeyboardInterrupt:
+                # Ctrl-C while the calls finish: stop them all now. Again while they stop:
+                # stop waiting for threads (a module that never returns would hold the
+                # exit for ever), as the standard executors' exit does.
+                hurry, interrupted = interrupted, True
 
 
 def _after_fork_in_child() -> None:
