@@ -206,6 +206,83 @@ def test_ctrl_c_stops_the_program_not_its_workers(tmp_path: Path, when: str) -> 
 
 
 @pytest.mark.timeout(90)
+def test_every_worker_imports_the_main_module_with_sigint_blocked(tmp_path: Path) -> None:
+    """The first spawn of a program starts multiprocessing's resource tracker, which unblocks
+    SIGINT in the spawning thread: the first worker then imported the main module (and torch,
+    a second or more) open to a Ctrl-C, and printed a KeyboardInterrupt traceback."""
+    log = tmp_path / "masks"
+    path = script(
+        tmp_path,
+        f"""
+        import os, signal
+        if __name__ == "__mp_main__":  # a worker, importing this module
+            blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            with open({str(log)!r}, "a") as f:
+                f.write(f"{{os.getpid()}} {{blocked}}\\n")
+        import aioforward as af
+        from tests import models as M
+
+        if __name__ == "__main__":
+            with af.ProcessPool(workers=2) as pool:
+                for _ in range(4):
+                    pool.submit(M.Echo(), 0).result(60)
+        """,
+    )
+    done = run_script(path)
+    assert done.returncode == 0, done.stderr
+    masks = log.read_text().split()
+    assert len(masks) == 4 and masks[1::2] == ["True", "True"], masks
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_again_leaves_a_thread_that_never_returns(tmp_path: Path) -> None:
+    """A ThreadPool's thread cannot be stopped inside a module that never reaches a block
+    boundary: after the first Ctrl-C the exit waits for it; the second ends the program at
+    once, as with the standard ThreadPoolExecutor (it used to wait again, for ever)."""
+    path = script(
+        tmp_path,
+        """
+        import asyncio, aioforward as af
+        from tests import models as M
+
+        async def main():
+            pool = af.ThreadPool(workers=2)
+            print("go", flush=True)
+            await asyncio.gather(*[pool.forward(M.Sleep(3600)) for _ in range(3)])
+
+        if __name__ == "__main__":
+            asyncio.run(main())
+        """,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(path)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "go\n"
+    time.sleep(0.5)  # two calls running, one queued
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(1.0)  # the program ended with KeyboardInterrupt; its exit waits for the threads
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:  # it hangs: fail, leaving nothing behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert time.monotonic() - t0 < 5
+    assert proc.returncode in (-signal.SIGINT, 130), err
+    assert err.rstrip().endswith("KeyboardInterrupt"), err
+
+
+@pytest.mark.timeout(90)
 def test_what_workers_cannot_import_is_named_with_the_fix(tmp_path: Path) -> None:
     """A class or function defined under the main guard exists in the parent only: a worker
     imports the script without running that block. The call fails with SerializationError

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import pickle
 import signal
@@ -61,6 +62,11 @@ def _sigint_blocked() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):  # Windows
         yield
         return
+    # A spawn starts multiprocessing's resource tracker first if it is not running, and
+    # unblocks SIGINT in this thread after starting it (resource_tracker.ensure_running):
+    # the first worker of a program would import the main module (torch: a second or more)
+    # with SIGINT unblocked. Started now, the tracker is found running inside the spawn.
+    multiprocessing.resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
