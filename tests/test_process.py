@@ -291,6 +291,24 @@ async def test_s15_silent_death_at_every_start_fails_after_retries() -> None:
         assert pool.stats().restarts >= START_RETRIES - 1
 
 
+async def test_close_does_not_wait_for_a_worker_still_in_its_initializer() -> None:
+    """A worker that is not ready runs no call: close() kills it instead of waiting until
+    its initializer returns (up to start_timeout, 60 s by default, for one that hangs)."""
+    pool = af.ProcessPool(workers=1, initializer=M.slow_initializer, initargs=(600,))
+    call = pool.submit(M.Echo(), 7)
+    with anyio.fail_after(30):
+        while not pool.worker_pids():
+            await anyio.sleep(0.01)
+    pid = pool.worker_pids()[0]
+    await anyio.sleep(0.5)
+    t0 = time.monotonic()
+    await pool.aclose()
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(af.PoolClosedError, match="closed before the call ran"):
+        await call
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
 async def test_worker_killed_while_starting_is_replaced_without_failing_calls() -> None:
     """A stray SIGKILL during start (the OOM killer, an operator) is not a start failure:
     the queued call waits for the replacement instead of getting WorkerStartError."""

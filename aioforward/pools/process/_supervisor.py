@@ -226,8 +226,16 @@ class Supervisor:
             now = time.monotonic()
             self._watch_tasks([w for w in procs if w not in dead], now)
             for w in procs:
-                if not w.reported_ready and w not in dead and now - w.t_spawn > timeout_s:
-                    w.start_error = f"worker did not start within {timeout_s} s"
+                # A worker told to stop before it was ready is killed: it runs no call, and
+                # it would read the stop only once its initializer returned (close() waited
+                # for that, up to start_timeout for one that hangs).
+                if (
+                    not w.reported_ready
+                    and w not in dead
+                    and (w.stopping or now - w.t_spawn > timeout_s)
+                ):
+                    if not w.stopping:
+                        w.start_error = f"worker did not start within {timeout_s} s"
                     assert w.proc is not None
                     with contextlib.suppress(OSError, ValueError):
                         w.proc.kill()
