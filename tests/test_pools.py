@@ -256,6 +256,10 @@ async def test_map_ordered_unordered_and_sync() -> None:
         assert list(pool.map(m, range(5))) == got[:5]
         with pytest.raises(ValueError, match="max_in_flight"):
             pool.map(m, range(3), max_in_flight=0)
+        with pytest.raises(TypeError, match="one iterable of inputs per argument of fn, got int 5"):
+            pool.map(m, 5)
+        with pytest.raises(TypeError, match="got NoneType None as iterable 2"):
+            pool.map(m, range(3), None)
 
 
 async def test_stats_count_and_split_latency() -> None:

@@ -1001,11 +1001,20 @@ class Pool(concurrent.futures.Executor, abc.ABC):
         check_int("max_in_flight", max_in_flight, 1, optional=True)
         check_int("chunksize", chunksize, 1)
         check_timeout(timeout)
+        iterators = []
+        for i, inputs in enumerate(iterables, 1):
+            try:
+                iterators.append(iter(inputs))
+            except TypeError:
+                raise TypeError(
+                    "map takes one iterable of inputs per argument of fn, got "
+                    f"{type(inputs).__name__} {inputs!r} as iterable {i}"
+                ) from None
         core = self._core  # the result refers to the core, never to the pool
         core._check_open()
         return MapResult(
             lambda args: core.submit(Call(fn, args, {}), None),
-            zip(*iterables, strict=False),
+            zip(*iterators, strict=False),
             ordered=ordered,
             limit=max_in_flight,
             timeout=timeout,
