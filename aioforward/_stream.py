@@ -27,6 +27,8 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import torch
+
 from ._future import waker
 
 if TYPE_CHECKING:
@@ -46,6 +48,13 @@ def iter_of(value: Any, name: str) -> Iterator[Any]:
 
     Example: ``iter_of(fn(*args), "fn")``.
     """
+    if isinstance(value, torch.Tensor):  # iterable, by rows: not what stream() is for
+        raise TypeError(
+            f"stream({name}, ...): {name}(...) returned a Tensor, not an iterator; stream "
+            "runs a generator function, a module whose forward yields, or a callable that "
+            "returns an iterator (for one result use forward or submit; to stream a "
+            "tensor's rows on purpose, return iter(tensor))"
+        )
     try:
         return iter(value)
     except TypeError:

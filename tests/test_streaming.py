@@ -214,6 +214,10 @@ async def test_mistakes_say_what_stream_needs(make_pool: Callable[..., af.Pool])
         with pytest.raises(TypeError, match=r"not_a_generator\(...\) returned int, not an iter"):
             async for _ in pool.stream(M.not_a_generator, 3):
                 pass
+        # A tensor is iterable (by rows), but streaming one is a mistake for forward/submit
+        with pytest.raises(TypeError, match=r"Linear\(...\) returned a Tensor, not an iter"):
+            async for _ in pool.stream(torch.nn.Linear(4, 2), torch.ones(3, 4)):
+                pass
         if kind(make_pool) in ("thread", "process"):
             with pytest.raises(TypeError, match=r"forward returned a generator: run it with"):
                 await pool.forward(M.Counter(), 2)

@@ -214,7 +214,8 @@ class _Actor:
             fn = self._resolve(key, box, method)
             with torch.no_grad():
                 it = iter_of(
-                    fn(*_unpack(args), **_unpack(kwargs)), getattr(fn, "__qualname__", "fn")
+                    fn(*_unpack(args), **_unpack(kwargs)),
+                    getattr(fn, "__qualname__", type(fn).__name__),
                 )
             try:
                 while self.stop_seq != seq:
