@@ -52,6 +52,20 @@ def run_script(
     )
 
 
+def start_script(path: Path, *args: str, new_session: bool = False) -> subprocess.Popen[str]:
+    """Start ``path`` with its output piped; ``new_session``: a process group of its own, as
+    a terminal gives a job (for Ctrl-C sent to the whole group)."""
+    return subprocess.Popen(
+        [sys.executable, str(path), *args],
+        cwd=path.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -173,15 +187,7 @@ def test_ctrl_c_stops_the_program_not_its_workers(tmp_path: Path, when: str) -> 
                     f.result()
         """,
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(path), when],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # a process group of its own, as a terminal gives a job
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = start_script(path, when, new_session=True)
     assert proc.stdout is not None
     pids = []
     line = proc.stdout.readline()
@@ -254,15 +260,7 @@ def test_ctrl_c_again_leaves_a_thread_that_never_returns(tmp_path: Path) -> None
             asyncio.run(main())
         """,
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(path)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = start_script(path, new_session=True)
     assert proc.stdout is not None
     assert proc.stdout.readline() == "go\n"
     time.sleep(0.5)  # two calls running, one queued
@@ -377,14 +375,7 @@ def test_s33_sigterm_to_a_server_with_an_open_pool(tmp_path: Path) -> None:
             main()
         """,
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(path)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = start_script(path)
     assert proc.stdout is not None
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 2

@@ -226,25 +226,16 @@ class Supervisor:
             now = time.monotonic()
             self._watch_tasks([w for w in procs if w not in dead], now)
             for w in procs:
+                if w in dead:
+                    continue
                 # A worker told to stop before it was ready is killed: it runs no call, and
                 # it would read the stop only once its initializer returned (close() waited
                 # for that, up to start_timeout for one that hangs).
-                if (
-                    not w.reported_ready
-                    and w not in dead
-                    and (w.stopping or now - w.t_spawn > timeout_s)
-                ):
-                    if not w.stopping:
-                        w.start_error = f"worker did not start within {timeout_s} s"
-                    assert w.proc is not None
-                    with contextlib.suppress(OSError, ValueError):
-                        w.proc.kill()
-                elif (
-                    w.eof_at is not None
-                    and not w.stopping
-                    and w not in dead
-                    and now - w.eof_at >= EOF_GRACE_S
-                ):
+                late = not w.stopping and now - w.t_spawn > timeout_s
+                if not w.reported_ready and late:
+                    w.start_error = f"worker did not start within {timeout_s} s"
+                hung = w.eof_at is not None and not w.stopping and now - w.eof_at >= EOF_GRACE_S
+                if (not w.reported_ready and (w.stopping or late)) or hung:
                     assert w.proc is not None
                     with contextlib.suppress(OSError, ValueError):
                         w.proc.kill()
