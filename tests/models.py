@@ -235,6 +235,33 @@ class Echo(nn.Module):
         return args, kwargs
 
 
+class Facts(nn.Module):
+    """What the module sees of each tensor it is given: layout, autograd, type, which of the
+    others it is, and its values (a lazy conjugate applied)."""
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[Any]:
+        ts = [*args, *kwargs.values()]
+        return [
+            (
+                t.stride(),
+                t.requires_grad,
+                type(t).__name__,
+                [t is u for u in ts],
+                t.detach().resolve_conj().resolve_neg().cpu().tolist(),
+            )
+            for t in ts
+        ]
+
+
+class Permute(nn.Module):
+    """Returns its input's dimensions reversed (a dense tensor, not contiguous): alone, or
+    the same tensor twice."""
+
+    def forward(self, x: torch.Tensor, twice: bool = False) -> Any:
+        y = x.permute(*reversed(range(x.dim()))) * 2
+        return (y, y) if twice else y
+
+
 def set_worker_flag() -> None:
     os.environ["AIOFWD_TEST_WORKER"] = "1"
 

@@ -72,6 +72,40 @@ async def test_results_are_those_of_a_direct_call(make_pool: Callable[..., af.Po
     assert_pool_idle(pool)
 
 
+async def test_tensors_arrive_as_a_direct_call_sees_them(
+    make_pool: Callable[..., af.Pool],
+) -> None:
+    """Layout (channels_last, a permute), requires_grad, Parameter, a lazy conjugate, and one
+    tensor passed twice, small (in the message) and large (in shared memory), in a call's
+    arguments, in its keyword arguments and in its result: as a direct call has them."""
+    if make_pool.kind == "cuda":  # type: ignore[attr-defined]
+        pytest.skip(
+            "not for CudaStreamPool: it copies results to pinned CPU memory, and a layout "
+            "across devices is not part of this contract"
+        )
+    small = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+    big = torch.randn(8, 8, 32, 64).permute(3, 2, 0, 1)  # 128 KiB, dense, not contiguous
+    weight = torch.nn.Parameter(torch.randn(3, 3))
+    conj = torch.randn(3, dtype=torch.complex64).conj()
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((small, big), {}),  # plain tensors alone: a process pool's binary frame
+        ((small, small, big, big), {}),
+        ((small,), {"w": weight, "c": conj, "b": big, "again": small}),
+    ]
+    async with make_pool(1) as pool:
+        for args, kwargs in calls:
+            with torch.no_grad():
+                expected = M.Facts()(*args, **kwargs)
+            assert await pool.forward(M.Facts(), *args, **kwargs) == expected
+        for x in (torch.randn(3, 4, 5), torch.randn(32, 32, 32)):  # a result inline, in memory
+            with torch.no_grad():
+                direct = M.Permute()(x)
+            y = await pool.forward(M.Permute(), x)
+            assert y.stride() == direct.stride() and torch.equal(y, direct)
+            y1, y2 = await pool.forward(M.Permute(), x, twice=True)
+            assert y1 is y2 and y1.stride() == direct.stride()
+
+
 async def test_exception_keeps_its_type(make_pool: Callable[..., af.Pool]) -> None:
     async with make_pool() as pool:
         with pytest.raises(ValueError, match=r"boom: \(2,\)"):

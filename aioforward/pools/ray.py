@@ -6,7 +6,7 @@ Data flow::
        │        arguments packed: large CPU tensors taken out as numpy views (_pack)
        │
        └─> the core reserves an idle actor:
-             actor.forward.remote(key, [module_ref], packed_args, packed_kwargs) -> ObjectRef
+             actor.forward.remote(key, [module_ref], packed (args, kwargs)) -> ObjectRef
              the actor fetches and keeps the module on its first call with that key,
              unpacks the arguments (tensors viewing the object store, no copy),
              runs it without autograd, returns ("ok", packed_out) or the encoded exception
@@ -112,9 +112,9 @@ def _plain(obj: Any, depth: int = 0) -> bool:
         return obj.nbytes < ZERO_COPY_BYTES or not _viewable(obj)
     if isinstance(obj, _SCALARS):
         return True
-    if depth < 3 and type(obj) in (tuple, list):
+    if depth < 4 and type(obj) in (tuple, list):
         return all(_plain(o, depth + 1) for o in obj)
-    if depth < 3 and type(obj) is dict:
+    if depth < 4 and type(obj) is dict:
         return all(_plain(o, depth + 1) for o in obj.values())
     return False
 
@@ -133,17 +133,22 @@ def _pack(obj: Any) -> Any:
 
         class _Pickler(cloudpickle.CloudPickler):
             arrays: list[np.ndarray[Any, Any]]
+            seen: dict[int, Any]  # a tensor met again arrives as the same tensor
 
             def persistent_id(self, o: Any) -> Any:
                 if type(o) is torch.Tensor and _viewable(o):
-                    self.arrays.append(o.reshape(-1).view(torch.uint8).numpy())
-                    return (len(self.arrays) - 1, o.dtype, tuple(o.shape))
+                    pid = self.seen.get(id(o))  # o is alive until dump returns
+                    if pid is None:
+                        self.arrays.append(o.reshape(-1).view(torch.uint8).numpy())
+                        pid = self.seen[id(o)] = (len(self.arrays) - 1, o.dtype, tuple(o.shape))
+                    return pid
                 return None
 
         _pickler = _Pickler
     buf = io.BytesIO()
     p = _pickler(buf, protocol=5)
     p.arrays = []
+    p.seen = {}
     p.dump(obj)
     return _Packed(buf.getvalue(), p.arrays)
 
@@ -162,15 +167,19 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, p: _Packed) -> None:
         super().__init__(io.BytesIO(p.blob))
         self.arrays = p.arrays
+        self.tensors: dict[int, torch.Tensor] = {}  # array index -> its tensor
 
     def persistent_load(self, pid: Any) -> Any:
         i, dtype, shape = pid
-        a = self.arrays[i]
-        if not a.flags.writeable:
-            import numpy as np  # Ray requires numpy: it is there whenever this runs
+        t = self.tensors.get(i)
+        if t is None:
+            a = self.arrays[i]
+            if not a.flags.writeable:
+                import numpy as np  # Ray requires numpy: it is there whenever this runs
 
-            a = np.asarray(_Writable(a))
-        return torch.from_numpy(a).view(dtype).reshape(shape)
+                a = np.asarray(_Writable(a))
+            t = self.tensors[i] = torch.from_numpy(a).view(dtype).reshape(shape)
+        return t
 
 
 def _unpack(p: Any) -> Any:
@@ -206,15 +215,16 @@ class _Actor:
         return getattr(module, method) if method else module
 
     def stream(
-        self, seq: int, key: int, box: list[Any] | None, method: str | None, args: Any, kwargs: Any
+        self, seq: int, key: int, box: list[Any] | None, method: str | None, call: Any
     ) -> Any:
         """A Ray streaming generator: each item the call yields, packed like a result; an
         exception as a last, encoded item."""
         try:
             fn = self._resolve(key, box, method)
+            args, kwargs = _unpack(call)
             with torch.no_grad():
                 it = iter_of(
-                    fn(*_unpack(args), **_unpack(kwargs)),
+                    fn(*args, **kwargs),
                     getattr(fn, "__qualname__", type(fn).__name__),
                 )
             try:
@@ -247,11 +257,11 @@ class _Actor:
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def forward(
-        self, key: int, box: list[Any] | None, args: Any, kwargs: Any, method: str | None = None
+        self, key: int, box: list[Any] | None, call: Any, method: str | None = None
     ) -> tuple[str, Any, float] | EncodedException:
         try:
             module = self._resolve(key, box, method)
-            a, kw = _unpack(args), _unpack(kwargs)
+            a, kw = _unpack(call)
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = module(*a, **kw)
@@ -363,19 +373,19 @@ class _RayWorker(Worker):
         )
 
     def run(self, item: WorkItem) -> None:
-        key, ref, args, kwargs, method = item.payload
+        key, ref, call, method = item.payload
         # Send the module's ObjectRef only until the actor holds it: a ref inside the
         # arguments makes the actor a borrower, which costs Ray messages on every call.
         box = None if key in self.modules else [ref]
         if item.stream is not None:
             gen = self.handle.stream.options(
                 num_returns="streaming", _generator_backpressure_num_objects=item.stream.buffer
-            ).remote(item.seq, key, box, method, args, kwargs)
+            ).remote(item.seq, key, box, method, call)
             threading.Thread(
                 target=self._pump, args=(item, key, gen), name=f"{item.name}-stream", daemon=True
             ).start()
             return
-        out = self.handle.forward.remote(key, box, args, kwargs, method)
+        out = self.handle.forward.remote(key, box, call, method)
         out.future().add_done_callback(lambda f: self._done(item, key, f))
 
     def _pump(self, item: WorkItem, key: int, gen: Any) -> None:
@@ -513,7 +523,7 @@ class _RayBackend(Backend):
         if owner is not None:
             module, method = owner, module.__name__  # a method of a module: ship it once
         try:
-            args, kwargs = _pack(c.args), _pack(c.kwargs)
+            call = _pack((c.args, c.kwargs))  # one object: a tensor in both arrives as one
         except Exception as exc:
             raise SerializationError(
                 f"the arguments of {c.name} could not be pickled: {type(exc).__name__}: {exc}"
@@ -521,7 +531,7 @@ class _RayBackend(Backend):
         with self._lock:
             hit = self._refs.get(id(module))
             if hit is not None and hit[0]() is module:
-                return hit[1], hit[2], args, kwargs, method
+                return hit[1], hit[2], call, method
         try:
             ref = self.ray.put(module)
         except Exception as exc:
@@ -532,7 +542,7 @@ class _RayBackend(Backend):
         key = next(self._keys)
         with self._lock:
             self._refs[id(module)] = (weakref.ref(module), key, ref)
-        return key, ref, args, kwargs, method
+        return key, ref, call, method
 
     def reload(self, module: torch.nn.Module) -> None:
         with self._lock:

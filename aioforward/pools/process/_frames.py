@@ -3,8 +3,10 @@ a reply that is one plain tensor.
 
 Such a call skips pickle on both sides (a pickled call runs the pickler's Python callback
 for every object, and unpickling a message looks its class up by name): a fixed
-little-endian header, then each tensor as its dtype code and shape, then its bytes inline
-(at most the pool's ``inline_bytes``) or, for a larger one, its offset in shared memory: the
+little-endian header, then each tensor as its dtype code and flags, its shape, its strides
+when it is dense in another layout than contiguous (channels_last, a transpose), then its
+bytes inline (at most the pool's ``inline_bytes``) or, for a larger one, its offset in shared
+memory: the
 worker's request segment for arguments, its response segment for a result, both already
 mapped on the other side. A pickle (protocol 2 and above) starts with ``0x80``, so the
 first byte tells a frame from a pickled message. Everything else (keyword arguments,
@@ -20,7 +22,16 @@ from typing import Any
 
 import torch
 
-from ._transport import Outbox, Segment, as_bytes, copy_into, is_plain, numel
+from ._transport import (
+    Outbox,
+    Segment,
+    copy_into,
+    dense_strides,
+    empty,
+    is_plain,
+    numel,
+    span_bytes,
+)
 
 CALL = 0x01  # parent -> worker: seq, module key, then the argument tensors
 REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
@@ -28,9 +39,12 @@ REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
 _CALL_HEAD = struct.Struct("<Bqqq")  # tag, seq, module key (id, version); then the args
 _COUNT = struct.Struct("<B")  # the args section: how many tensors, then each
 _REPLY_HEAD = struct.Struct("<Bdq")  # tag, compute_s, the response segment's sid (or -1)
-_TENSOR_HEAD = struct.Struct("<BB")  # dtype code (| SHARED), ndim; the shape follows
-_SHARED_AT = struct.Struct("<q")  # after the shape of a SHARED tensor: its offset
+_TENSOR_HEAD = struct.Struct("<BB")  # dtype code | flags, ndim; the shape follows
+_SHARED_AT = struct.Struct("<q")  # after the shape (and strides) of a SHARED tensor: its offset
 SHARED = 0x80  # a dtype code's flag: the tensor's bytes lie in a segment, not in the frame
+STRIDED = 0x40  # its strides follow its shape, and its bytes lie in that layout
+GRAD = 0x20  # it requires grad
+_DTYPE = 0x1F  # the dtype code itself
 _DTYPES = (
     torch.float32,
     torch.float64,
@@ -59,9 +73,21 @@ def _code(t: Any) -> int | None:
     return code
 
 
-def _head(code: int, shape: torch.Size, out: list[bytes]) -> None:
-    out.append(_TENSOR_HEAD.pack(code, len(shape)))
-    out.append(_SHAPES[len(shape)].pack(*shape))
+def _head(code: int, t: torch.Tensor, out: list[bytes]) -> tuple[int, ...] | None:
+    """Append the head of ``t`` (``code`` may carry SHARED); return its strides where they
+    travel (:func:`dense_strides`)."""
+    if t.requires_grad:
+        code |= GRAD
+    shape = t.shape
+    packer = _SHAPES[len(shape)]
+    if t.is_contiguous() or (strides := dense_strides(t)) is None:
+        out.append(_TENSOR_HEAD.pack(code, len(shape)))
+        out.append(packer.pack(*shape))
+        return None
+    out.append(_TENSOR_HEAD.pack(code | STRIDED, len(shape)))
+    out.append(packer.pack(*shape))
+    out.append(packer.pack(*strides))
+    return strides
 
 
 def encode_small(args: tuple[Any, ...], limit: int) -> tuple[bytes, Outbox | None] | None:
@@ -69,8 +95,8 @@ def encode_small(args: tuple[Any, ...], limit: int) -> tuple[bytes, Outbox | Non
     them), else None; with the :class:`Outbox` of those over ``limit`` bytes, which
     ``Outbox.write`` places at the offsets the section names (None when all are inline).
     Checked and packed at once: this runs for every call."""
-    if len(args) > 255:
-        return None
+    if len(args) > 255 or (len(args) > 1 and len(set(map(id, args))) < len(args)):
+        return None  # a tensor passed twice is pickled, to arrive as one tensor
     out = [_COUNT.pack(len(args))]
     box: Outbox | None = None
     for t in args:
@@ -78,13 +104,13 @@ def encode_small(args: tuple[Any, ...], limit: int) -> tuple[bytes, Outbox | Non
         if code is None:
             return None
         if t.nbytes <= limit:
-            _head(code, t.shape, out)
-            out.append(as_bytes(t))  # its bytes: no need to detach it from autograd first
+            strides = _head(code, t, out)
+            out.append(span_bytes(t, strides))  # no need to detach it from autograd first
         else:
             if box is None:
                 box = Outbox(limit)
-            _head(code | SHARED, t.shape, out)
-            out.append(_SHARED_AT.pack(box.add(t)))
+            strides = _head(code | SHARED, t, out)
+            out.append(_SHARED_AT.pack(box.add(t, strides)))
     return b"".join(out), box
 
 
@@ -96,28 +122,34 @@ def _unpack(
     a SHARED one viewed in ``seg``, or copied out of it with ``copy``."""
     code, ndim = _TENSOR_HEAD.unpack_from(data, off)
     off += _TENSOR_HEAD.size
-    shape = _SHAPES[ndim].unpack_from(data, off)
-    off += _SHAPES[ndim].size
-    dtype = _DTYPES[code & ~SHARED]
+    shapes = _SHAPES[ndim]
+    shape = shapes.unpack_from(data, off)
+    off += shapes.size
+    strides = None
+    if code & STRIDED:
+        strides = shapes.unpack_from(data, off)
+        off += shapes.size
+    dtype = _DTYPES[code & _DTYPE]
     if code & SHARED:
         (at,) = _SHARED_AT.unpack_from(data, off)
         off += _SHARED_AT.size
         nbytes = numel(shape) * dtype.itemsize
         if seg is None or at < 0 or at + nbytes > seg.size:
             raise ValueError(f"a frame names {nbytes} bytes at {at} outside shared memory")
-        view = seg.view(at, dtype, shape)
-        if not copy:
-            return view, off
-        t = torch.empty(shape, dtype=dtype)
-        copy_into(t, view)
-        return t, off
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * dtype.itemsize
-    if off + nbytes > len(data):
-        raise ValueError(f"a frame of {len(data)} bytes ends inside a tensor")
-    if nbytes:
-        ctypes.memmove(t.data_ptr(), base + off, nbytes)
-    return t, off + nbytes
+        t = seg.view(at, dtype, shape, strides)
+        if copy:
+            out = empty(shape, strides, dtype)
+            copy_into(out, t)
+            t = out
+    else:
+        t = empty(shape, strides, dtype)
+        nbytes = t.nbytes
+        if off + nbytes > len(data):
+            raise ValueError(f"a frame of {len(data)} bytes ends inside a tensor")
+        if nbytes:
+            ctypes.memmove(t.data_ptr(), base + off, nbytes)
+        off += nbytes
+    return (t.requires_grad_() if code & GRAD else t), off
 
 
 def _buffer_address(data: bytes) -> int:
@@ -181,13 +213,13 @@ def reply_frame(
         return None
     if result.nbytes <= limit:
         out = [_REPLY_HEAD.pack(REPLY, compute_s, -1)]
-        _head(code, result.shape, out)
-        out.append(as_bytes(result))
+        strides = _head(code, result, out)
+        out.append(span_bytes(result, strides))
     elif seg is not None and result.nbytes <= seg.size:
-        copy_into(seg.view(0, result.dtype, tuple(result.shape)), result.detach())
         out = [_REPLY_HEAD.pack(REPLY, compute_s, seg.sid)]
-        _head(code | SHARED, result.shape, out)
+        strides = _head(code | SHARED, result, out)
         out.append(_SHARED_AT.pack(0))
+        copy_into(seg.view(0, result.dtype, tuple(result.shape), strides), result.detach())
     else:
         return None
     return b"".join(out)
@@ -199,7 +231,7 @@ def reply_shared_bytes(data: bytes) -> int:
     if not code & SHARED:
         return 0
     shape = _SHAPES[ndim].unpack_from(data, _REPLY_HEAD.size + _TENSOR_HEAD.size)
-    return numel(shape) * _DTYPES[code & ~SHARED].itemsize
+    return numel(shape) * _DTYPES[code & _DTYPE].itemsize
 
 
 def read_reply(data: bytes, seg: Segment | None = None) -> tuple[float, torch.Tensor]:

@@ -5,6 +5,10 @@ tensors are pulled out with ``persistent_id``:
 
 * small tensors (``<= INLINE_BYTES``) travel inline as their bytes, compacted,
   so a small view never ships its base storage;
+* a tensor arrives as it left: a dense one in its own layout (channels_last, a
+  transpose: :func:`dense_strides`), ``requires_grad`` and ``Parameter`` kept, a
+  lazy conjugate or negation applied, and one tensor named twice in a message
+  rebuilt once (``x, x`` arrive as one tensor, not two copies);
 * larger ones are only *recorded* while pickling (so an unpicklable input still
   fails in ``submit``), then copied into the receiver's segment just before
   sending, and described by (offset, dtype, shape) in a small table;
@@ -150,13 +154,20 @@ class Segment:
             os.close(self.fd)
             self.fd = None
 
-    def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A tensor viewing this segment (no copy)."""
+    def view(
+        self,
+        offset: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        strides: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        """A tensor viewing this segment (no copy): contiguous, or laid out by ``strides``
+        (dense: see :func:`dense_strides`)."""
         count = numel(shape)
         if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        nbytes = count * dtype.itemsize
-        return self.buf[offset : offset + nbytes].view(dtype).view(shape)
+            return empty(shape, strides, dtype)
+        flat = self.buf[offset : offset + count * dtype.itemsize].view(dtype)
+        return flat.view(shape) if strides is None else flat.as_strided(shape, strides)
 
     def release(self) -> None:
         """Forget it here: close the descriptor, unlink a named file. The memory goes when the
@@ -305,18 +316,21 @@ def numel(shape: tuple[int, ...]) -> int:
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` in this thread alone when both are contiguous (a memcpy).
+    """``dst.copy_(src)`` in this thread alone when both are contiguous, or dense in the same
+    layout (a memcpy).
 
     torch's copy of a large tensor runs on the calling thread's OpenMP team, whose threads
     then spin for a while: in the parent, beside workers that need every core, that
     spinning took a third of the two-module speed-up here (a parent at torch's default
     threads, as any program that uses torch itself)."""
     if (
-        dst.is_contiguous()
-        and src.is_contiguous()
-        and src.dtype == dst.dtype
+        src.dtype == dst.dtype
         and not src.is_conj()  # a lazy conjugate or negation is not in the bytes
         and not src.is_neg()
+        and (
+            (dst.is_contiguous() and src.is_contiguous())
+            or (dst.stride() == src.stride() and dense_strides(src) is not None)
+        )
     ):
         n = src.numel() * src.element_size()
         if n:
@@ -344,6 +358,53 @@ def as_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(flat.data_ptr(), nbytes) if nbytes else b""
 
 
+def dense_strides(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides of ``t`` when they travel with it: ``t`` is not contiguous, but dense (its
+    elements fill one span of memory from ``data_ptr``, without gaps or overlaps, in another
+    order: channels_last, a transpose, a permute). Its bytes are then copied as they lie and
+    the other side rebuilds the same layout, as a direct call would see it. None for a
+    contiguous tensor, and for one with gaps or overlaps (a slice, an expand), which travels
+    compacted: a small view never ships its base storage.
+
+    Example: ``dense_strides(torch.zeros(2, 3).t()) == (1, 3)``."""
+    if t.is_contiguous() or t.is_conj() or t.is_neg():
+        return None
+    strides = t.stride()
+    expect = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, strides, strict=True) if n != 1):
+        if stride != expect:
+            return None
+        expect *= size
+    return strides if expect > 1 else None  # no elements: nothing to lay out
+
+
+def empty(
+    shape: tuple[int, ...], strides: tuple[int, ...] | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """A new tensor of ``shape``, contiguous or laid out by ``strides``."""
+    if strides is None:
+        return torch.empty(shape, dtype=dtype)
+    return torch.empty_strided(shape, strides, dtype=dtype)
+
+
+def span_bytes(t: torch.Tensor, strides: tuple[int, ...] | None) -> bytes:
+    """:func:`as_bytes`, or with ``strides`` (:func:`dense_strides`) the bytes as they lie."""
+    if strides is None:
+        return as_bytes(t)
+    return ctypes.string_at(t.data_ptr(), t.nbytes)
+
+
+def rebuild(t: torch.Tensor, flags: int) -> torch.Tensor:
+    """``t`` with the ``flags`` its sender recorded (:data:`GRAD`, :data:`PARAM`)."""
+    if flags & PARAM:
+        return torch.nn.Parameter(t, requires_grad=bool(flags & GRAD))
+    return t.requires_grad_() if flags & GRAD else t
+
+
+GRAD = 1  # a tensor's flags: it requires grad
+PARAM = 2  # it is a Parameter
+
+
 def is_plain(t: torch.Tensor) -> bool:
     """A strided CPU tensor (or Parameter), not quantized or nested: its bytes are all."""
     return (
@@ -360,13 +421,15 @@ class Outbox:
 
     def __init__(self, inline_bytes: int = INLINE_BYTES) -> None:
         self.inline_bytes = inline_bytes
-        self.big: list[torch.Tensor] = []
+        self.big: list[tuple[torch.Tensor, tuple[int, ...] | None]] = []  # and its strides
         self._end = 0  # where the next large tensor goes in the segment
+        self._seen: dict[int, int] = {}  # id of a tensor pickled -> its index among them
 
-    def add(self, t: torch.Tensor) -> int:
-        """Keep ``t`` aside to copy into shared memory; return the offset it will have there."""
+    def add(self, t: torch.Tensor, strides: tuple[int, ...] | None = None) -> int:
+        """Keep ``t`` aside to copy into shared memory (laid out by ``strides``, from
+        :func:`dense_strides`); return the offset it will have there."""
         at = self._end
-        self.big.append(t.detach())
+        self.big.append((t.detach(), strides))
         self._end += _round(t.numel() * t.element_size())
         return at
 
@@ -380,12 +443,25 @@ class Outbox:
     def _persistent_id(self, obj: Any) -> Any:
         if not isinstance(obj, torch.Tensor) or not is_plain(obj):
             return None
-        nbytes = obj.numel() * obj.element_size()
-        if nbytes <= self.inline_bytes:
-            t = obj.detach()
-            return ("i", _dtype_name(t.dtype), tuple(t.shape), as_bytes(t))
-        self.add(obj)  # detaches it
-        return ("s", len(self.big) - 1)
+        # pickle's memo does not see persistent ids: a tensor met again (the objects
+        # pickled are alive until dump returns, so their ids are theirs) becomes a reference
+        # to the first, loaded in the same order
+        index = self._seen.get(id(obj))
+        if index is not None:
+            return ("a", index)
+        self._seen[id(obj)] = len(self._seen)
+        flags = (GRAD if obj.requires_grad else 0) | (
+            PARAM if isinstance(obj, torch.nn.Parameter) else 0
+        )
+        t = obj.detach()
+        if t.is_conj() or t.is_neg():  # lazy: not in the bytes
+            t = t.resolve_conj().resolve_neg()
+        strides = dense_strides(t)
+        if t.nbytes <= self.inline_bytes:
+            raw = span_bytes(t, strides)
+            return ("i", _dtype_name(t.dtype), tuple(t.shape), raw, strides, flags)
+        self.add(t, strides)
+        return ("s", len(self.big) - 1, strides, flags)
 
     def big_bytes(self) -> int:
         return self._end
@@ -394,8 +470,8 @@ class Outbox:
         """Copy the large tensors into ``seg``; return their (offset, dtype, shape) table."""
         table = []
         off = 0
-        for t in self.big:
-            copy_into(seg.view(off, t.dtype, tuple(t.shape)), t)
+        for t, strides in self.big:
+            copy_into(seg.view(off, t.dtype, tuple(t.shape), strides), t)
             table.append((off, _dtype_name(t.dtype), tuple(t.shape)))
             off += _round(t.numel() * t.element_size())
         return table
@@ -409,23 +485,29 @@ def loads(
     copy: bool,
 ) -> Any:
     """Unpickle a message made by :class:`Outbox`; ``copy=False`` returns views of ``seg``."""
+    loaded: list[torch.Tensor] = []  # in the order the Outbox met them
 
     def persistent_load(pid: Any) -> torch.Tensor:
+        if pid[0] == "a":
+            first: int = pid[1]
+            return loaded[first]
         if pid[0] == "i":
-            _, dt, shape, raw = pid
-            dtype = _dtype(dt)
-            if not raw:
-                return torch.empty(shape, dtype=dtype)
-            buf = raw if isinstance(raw, bytearray) else bytearray(raw)
-            return torch.frombuffer(buf, dtype=dtype).view(shape)
-        off, dt, shape = table[pid[1]]
-        assert seg is not None
-        v = seg.view(off, _dtype(dt), shape)
-        if not copy:
-            return v
-        out = torch.empty(shape, dtype=v.dtype)
-        copy_into(out, v)
-        return out
+            _, dt, shape, raw, strides, flags = pid
+            t = empty(shape, strides, _dtype(dt))
+            if raw:
+                ctypes.memmove(t.data_ptr(), raw, len(raw))
+        else:
+            _, index, strides, flags = pid
+            off, dt, shape = table[index]
+            assert seg is not None
+            t = seg.view(off, _dtype(dt), shape, strides)
+            if copy:
+                out = empty(shape, strides, t.dtype)
+                copy_into(out, t)
+                t = out
+        t = rebuild(t, flags)
+        loaded.append(t)
+        return t
 
     u = pickle.Unpickler(io.BytesIO(data))
     u.persistent_load = persistent_load  # type: ignore[method-assign]
