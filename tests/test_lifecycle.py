@@ -607,3 +607,26 @@ async def test_close_does_not_wait_for_an_abandoned_process_call() -> None:
     await pool.aclose()
     assert time.monotonic() - t0 < 5  # killed, not waited for
     assert pool.stats().busy == 0
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_close_says_which_running_calls_it_waits_for(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close held by a call that does not return says so once, naming the call."""
+    import aioforward.pools._base as base
+
+    monkeypatch.setattr(base, "CLOSE_WARN_S", 0.5)
+    pool = af.ThreadPool(1) if kind == "thread" else af.ProcessPool(1)
+    fut = pool.submit(M.Sleep(2.0))
+    while not pool.stats().busy:
+        time.sleep(0.01)
+    killed = " or has its worker killed" if kind == "process" else ""
+    with pytest.warns(RuntimeWarning) as caught:
+        pool.close()
+    [w] = caught  # once
+    assert str(w.message).startswith(
+        f"aioforward-{kind}: closing has waited 0.5 s for 1 running call(s) to return: Sleep ("
+    )
+    assert str(w.message).endswith(f"stops at its next block boundary{killed}")
+    assert fut.result(0) is not None  # it was waited for, not stopped

@@ -41,6 +41,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -79,6 +80,9 @@ T = TypeVar("T")
 # stray kills; lower fails faster when a worker crashes hard at every start.
 START_RETRIES = 3
 BACKOFF_MAX = 5.0  # seconds between start attempts at most
+CLOSE_WARN_S = 10.0
+"""A close (or ``shutdown(wait=True)``) still waiting for running calls after this long says
+which, once (a ``RuntimeWarning``): a call that never returns would hold it silently."""
 
 
 class _State(enum.Enum):
@@ -716,14 +720,40 @@ class PoolCore:
             w.interrupt(item)  # where the backend can (a process is killed); else it ends
         self._maybe_closed()
         if wait:
-            with self._lock:
-                while self._state is not _State.CLOSED:
+            warn_at: float | None = time.monotonic() + CLOSE_WARN_S
+            while True:
+                late = None
+                with self._lock:
+                    if self._state is _State.CLOSED:
+                        stopped, self._stopped = self._stopped, []
+                        break
                     self._changed.wait(0.5)
-                stopped, self._stopped = self._stopped, []
+                    if warn_at is not None and time.monotonic() >= warn_at:
+                        warn_at = None
+                        late = self._still_running()
+                if late:
+                    # (where warnings are errors, the close still has to finish its work)
+                    with contextlib.suppress(RuntimeWarning):
+                        warnings.warn(late, RuntimeWarning, stacklevel=3)
             for w in stopped:
                 w.join(10)
             self.backend.join(10)
             self._timer.stop(join=True)
+
+    def _still_running(self) -> str | None:
+        """What a close waiting for the running calls says (under the lock); None when no
+        call runs (the workers are stopping)."""
+        now = time.perf_counter()
+        running = [(w, w.item) for w in self._all if w.item is not None]
+        if not running:
+            return None
+        calls = ", ".join(f"{it.name} (running {now - it.t_start:.0f} s)" for _, it in running)
+        killed = " or has its worker killed" if all(w.interruptible for w, _ in running) else ""
+        return (
+            f"{self.name}: closing has waited {CLOSE_WARN_S:g} s for {len(running)} running "
+            f"call(s) to return: {calls}. It waits for as long as they run; a call that is "
+            f"cancelled or times out stops at its next block boundary{killed}"
+        )
 
     def abort(self, *, hurry: bool = False) -> None:
         """Cancel every call, queued or running, and stop the workers without waiting for
