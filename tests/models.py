@@ -254,11 +254,13 @@ class Facts(nn.Module):
 
 
 class Permute(nn.Module):
-    """Returns its input's dimensions reversed (a dense tensor, not contiguous): alone, or
-    the same tensor twice."""
+    """Returns its input's dimensions reversed (a dense tensor, not contiguous): alone, the
+    same tensor twice, or with another tensor and plain values."""
 
-    def forward(self, x: torch.Tensor, twice: bool = False) -> Any:
+    def forward(self, x: torch.Tensor, twice: bool = False, pair: bool = False) -> Any:
         y = x.permute(*reversed(range(x.dim()))) * 2
+        if pair:
+            return y, [y + 1, None, 2]
         return (y, y) if twice else y
 
 

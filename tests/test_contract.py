@@ -104,6 +104,9 @@ async def test_tensors_arrive_as_a_direct_call_sees_them(
             assert y.stride() == direct.stride() and torch.equal(y, direct)
             y1, y2 = await pool.forward(M.Permute(), x, twice=True)
             assert y1 is y2 and y1.stride() == direct.stride()
+            y1, [y2, none, two] = await pool.forward(M.Permute(), x, pair=True)
+            assert y1.stride() == y2.stride() == direct.stride() and (none, two) == (None, 2)
+            assert torch.equal(y1, direct) and torch.equal(y2, direct + 1)
 
 
 async def test_exception_keeps_its_type(make_pool: Callable[..., af.Pool]) -> None:

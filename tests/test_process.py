@@ -876,8 +876,9 @@ def test_frames_are_told_from_pickles() -> None:
     x, y = torch.randn(2, 3), torch.arange(4)
     framed = fr.encode_small((x, y), 1 << 16)
     assert framed is not None and framed[1] is None  # all inline
-    seq, key, args = fr.read_call(fr.call_frame(9, (123, 4), framed[0]))
+    seq, key, args, kwargs = fr.read_call(fr.call_frame(9, (123, 4), framed[0]))
     assert (seq, key) == (9, (123, 4)) and torch.equal(args[0], x) and torch.equal(args[1], y)
+    assert kwargs == {}
     assert fr.encode_small((x, torch.nn.Parameter(y.float())), 1 << 16) is None  # one pickled
     assert fr.encode_small((x,) * 256, 1 << 16) is None  # a count over one byte
     assert fr.encode_small((torch.nn.Parameter(x),), 1 << 16) is None  # pickled: keeps its type
@@ -898,6 +899,54 @@ def test_frames_are_told_from_pickles() -> None:
     assert fr.encode_small((quantized,), 1 << 16) is None  # its dtype is not listed: pickled
 
 
+def test_frames_carry_keywords_layouts_and_results_of_several_tensors() -> None:
+    """Keyword arguments that are plain tensors, None, bools, ints or floats travel in the
+    frame; so do a tensor's layout and requires_grad, and a result that is a tuple or list
+    (nested) of distinct tensors, scalars and None. The rest is left to pickle: other
+    keyword values, a tensor named twice (it must arrive as one), a NamedTuple, a result
+    whose large tensors do not fit in the segment."""
+    from aioforward.pools.process import _frames as fr
+    from aioforward.pools.process import _transport as tr
+
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    kw = {"mask": mask, "past": None, "use_cache": False, "top_k": -(1 << 63), "t": 0.7}
+    framed = fr.encode_small((x,), 1 << 16, kw)
+    assert framed is not None and framed[1] is None
+    _, _, (y,), got = fr.read_call(fr.call_frame(1, (2, 3), framed[0]))
+    assert y.stride() == x.stride() and y.requires_grad and torch.equal(y, x)
+    assert got.keys() == kw.keys() and torch.equal(got.pop("mask"), mask)
+    assert got == {k: v for k, v in kw.items() if k != "mask"}
+    assert type(got["use_cache"]) is bool and type(got["top_k"]) is int
+    for refused in ({"name": "a"}, {"n": 1 << 63}, {"m": x}, {"p": torch.nn.Parameter(x)}):
+        assert fr.encode_small((x,), 1 << 16, refused) is None, refused
+
+    small, big = torch.randn(3).t(), torch.randn(40, 30).t()  # big: 4,800 bytes, transposed
+    result = (small, [None, (big, 3, 2.5, True)], [])
+    seg = tr.Segment.create("aiofwd_test_tree", 1 << 16, memfd=tr.MEMFD, keep_fd=False)
+    try:
+        reply = fr.reply_frame(0.5, result, 1000, seg)
+        assert reply is not None and fr.reply_shared_bytes(reply) == big.nbytes
+        compute, (a, [none, (b, three, half, true)], empty) = fr.read_reply(reply, seg)
+        assert (
+            compute == 0.5
+            and none is None
+            and empty == []
+            and (three, half, true) == (3, 2.5, True)
+        )
+        assert torch.equal(a, small) and torch.equal(b, big) and b.stride() == big.stride()
+        two_big = (big, big.clone(), torch.randn(150, 100))  # 60 KB more: over 64 KiB in all
+        assert fr.reply_frame(0.5, two_big[:2], 1000, seg) is not None
+        assert fr.reply_frame(0.5, two_big, 1000, seg) is None  # does not fit: an Ok
+        assert fr.reply_frame(0.5, (small, big), 1000, None) is None  # no segment yet
+    finally:
+        seg.release()
+    assert fr.reply_frame(0.5, (small, small), 1 << 16) is None  # one tensor twice: pickled
+    assert fr.reply_frame(0.5, M.Point(small, "a"), 1 << 16) is None  # its class: pickled
+    assert fr.reply_frame(0.5, (small, "text"), 1 << 16) is None
+    assert fr.reply_frame(0.5, [small] * 300, 1 << 16) is None  # over 255 items
+
+
 def test_frames_place_large_tensors_in_shared_memory() -> None:
     """Over the inline limit a tensor's bytes go to a segment (the call's arguments to the
     request segment, at the offsets the frame names, viewed there by the worker; a result
@@ -915,7 +964,7 @@ def test_frames_place_large_tensors_in_shared_memory() -> None:
     seg = tr.Segment.create("aiofwd_test_frames", 1 << 16, memfd=tr.MEMFD, keep_fd=False)
     try:
         box.write(seg)
-        _, _, args = fr.read_call(fr.call_frame(1, (2, 3), body), seg)
+        _, _, args, _ = fr.read_call(fr.call_frame(1, (2, 3), body), seg)
         assert [torch.equal(a, b) for a, b in zip(args, (big, small, odd), strict=True)] == [
             True
         ] * 3

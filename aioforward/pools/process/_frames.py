@@ -1,5 +1,5 @@
 """Binary frames for the common call: a shipped module applied to a few plain tensors, and
-a reply that is one plain tensor.
+a reply that is one plain tensor, or a tuple or list of them.
 
 Such a call skips pickle on both sides (a pickled call runs the pickler's Python callback
 for every object, and unpickling a message looks its class up by name): a fixed
@@ -30,6 +30,7 @@ from ._transport import (
     empty,
     is_plain,
     numel,
+    round_up,
     span_bytes,
 )
 
@@ -38,13 +39,21 @@ REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
 
 _CALL_HEAD = struct.Struct("<Bqqq")  # tag, seq, module key (id, version); then the args
 _COUNT = struct.Struct("<B")  # the args section: how many tensors, then each
-_REPLY_HEAD = struct.Struct("<Bdq")  # tag, compute_s, the response segment's sid (or -1)
+_REPLY_HEAD = struct.Struct("<Bdqq")  # tag, compute_s, response segment's sid (or -1), and
+# how many of its bytes the result occupies (0: all inline)
 _TENSOR_HEAD = struct.Struct("<BB")  # dtype code | flags, ndim; the shape follows
 _SHARED_AT = struct.Struct("<q")  # after the shape (and strides) of a SHARED tensor: its offset
 SHARED = 0x80  # a dtype code's flag: the tensor's bytes lie in a segment, not in the frame
 STRIDED = 0x40  # its strides follow its shape, and its bytes lie in that layout
 GRAD = 0x20  # it requires grad
 _DTYPE = 0x1F  # the dtype code itself
+# Values that are not tensors (in a result, in keyword arguments), in a tensor head's place:
+# (code, item count or a bool's value); an int or a float's 8 bytes follow.
+_FLOAT, _INT, _BOOL, _TUPLE, _LIST, _NONE = range(0x1A, 0x20)  # no dtype's code, no flag
+_INT_VALUE = struct.Struct("<q")
+_FLOAT_VALUE = struct.Struct("<d")
+_NAME = struct.Struct("<B")  # a keyword's length in bytes; its UTF-8 follows
+_MAX_NODES = 256  # a larger result is pickled
 _DTYPES = (
     torch.float32,
     torch.float64,
@@ -90,12 +99,18 @@ def _head(code: int, t: torch.Tensor, out: list[bytes]) -> tuple[int, ...] | Non
     return strides
 
 
-def encode_small(args: tuple[Any, ...], limit: int) -> tuple[bytes, Outbox | None] | None:
+def encode_small(
+    args: tuple[Any, ...], limit: int, kwargs: dict[str, Any] | None = None
+) -> tuple[bytes, Outbox | None] | None:
     """The args section of a call whose arguments are all plain tensors (at most 255 of
-    them), else None; with the :class:`Outbox` of those over ``limit`` bytes, which
+    them), and whose keyword arguments are plain tensors, None, bools, ints or floats, else
+    None; with the :class:`Outbox` of the tensors over ``limit`` bytes, which
     ``Outbox.write`` places at the offsets the section names (None when all are inline).
     Checked and packed at once: this runs for every call."""
-    if len(args) > 255 or (len(args) > 1 and len(set(map(id, args))) < len(args)):
+    if len(args) > 255 or (kwargs is not None and len(kwargs) > 255):
+        return None
+    ts = args if not kwargs else (*args, *kwargs.values())
+    if len(ts) > 1 and len(set(map(id, ts))) < len(ts):
         return None  # a tensor passed twice is pickled, to arrive as one tensor
     out = [_COUNT.pack(len(args))]
     box: Outbox | None = None
@@ -103,15 +118,58 @@ def encode_small(args: tuple[Any, ...], limit: int) -> tuple[bytes, Outbox | Non
         code = _code(t)
         if code is None:
             return None
-        if t.nbytes <= limit:
-            strides = _head(code, t, out)
-            out.append(span_bytes(t, strides))  # no need to detach it from autograd first
-        else:
-            if box is None:
-                box = Outbox(limit)
-            strides = _head(code | SHARED, t, out)
-            out.append(_SHARED_AT.pack(box.add(t, strides)))
+        box = _put(t, code, limit, out, box)
+    if not kwargs:
+        out.append(_COUNT.pack(0))
+        return b"".join(out), box
+    out.append(_COUNT.pack(len(kwargs)))
+    for name, v in kwargs.items():
+        raw = name.encode()
+        if len(raw) > 255:
+            return None
+        out.append(_NAME.pack(len(raw)))
+        out.append(raw)
+        if type(v) is torch.Tensor:
+            code = _code(v)
+            if code is None:
+                return None
+            box = _put(v, code, limit, out, box)
+        elif not _scalar(v, out):
+            return None
     return b"".join(out), box
+
+
+def _put(
+    t: torch.Tensor, code: int, limit: int, out: list[bytes], box: Outbox | None
+) -> Outbox | None:
+    """Append argument ``t``: inline, or its offset in the request segment (``box``, made on
+    the first large one, places it there)."""
+    if t.nbytes <= limit:
+        strides = _head(code, t, out)
+        out.append(span_bytes(t, strides))  # no need to detach it from autograd first
+        return box
+    if box is None:
+        box = Outbox(limit)
+    strides = _head(code | SHARED, t, out)
+    out.append(_SHARED_AT.pack(box.add(t, strides)))
+    return box
+
+
+def _scalar(v: Any, out: list[bytes]) -> bool:
+    """Append ``v`` if it is None, a bool, an int of 64 bits or a float; say whether it was."""
+    if v is None:
+        out.append(_TENSOR_HEAD.pack(_NONE, 0))
+    elif type(v) is bool:
+        out.append(_TENSOR_HEAD.pack(_BOOL, v))
+    elif type(v) is int and -(1 << 63) <= v < 1 << 63:
+        out.append(_TENSOR_HEAD.pack(_INT, 0))
+        out.append(_INT_VALUE.pack(v))
+    elif type(v) is float:
+        out.append(_TENSOR_HEAD.pack(_FLOAT, 0))
+        out.append(_FLOAT_VALUE.pack(v))
+    else:
+        return False
+    return True
 
 
 def _unpack(
@@ -176,9 +234,12 @@ def _address(data: bytes) -> int:
     return id(data) + _OFFSET if _OFFSET is not None else _buffer_address(data)
 
 
-def read_args(data: bytes, off: int = 0, seg: Segment | None = None) -> tuple[torch.Tensor, ...]:
-    """The tensors of an args section at ``off`` in ``data``; the large ones are views of
-    ``seg``, the request segment (no copy: the call runs on them there)."""
+def read_args(
+    data: bytes, off: int = 0, seg: Segment | None = None
+) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """The arguments and keyword arguments of an args section at ``off`` in ``data``; the
+    large tensors are views of ``seg``, the request segment (no copy: the call runs on them
+    there)."""
     base = _address(data)
     (count,) = _COUNT.unpack_from(data, off)
     off += _COUNT.size
@@ -186,7 +247,15 @@ def read_args(data: bytes, off: int = 0, seg: Segment | None = None) -> tuple[to
     for _ in range(count):
         t, off = _unpack(data, base, off, seg, copy=False)
         args.append(t)
-    return tuple(args)
+    (count,) = _COUNT.unpack_from(data, off)
+    off += _COUNT.size
+    kwargs = {}
+    for _ in range(count):
+        (n,) = _NAME.unpack_from(data, off)
+        off += _NAME.size
+        name = data[off : off + n].decode()
+        kwargs[name], off = _read_node(data, base, off + n, seg, copy=False)
+    return tuple(args), kwargs
 
 
 def call_frame(seq: int, key: tuple[int, int], args: bytes) -> bytes:
@@ -196,27 +265,40 @@ def call_frame(seq: int, key: tuple[int, int], args: bytes) -> bytes:
 
 def read_call(
     data: bytes, seg: Segment | None = None
-) -> tuple[int, tuple[int, int], tuple[torch.Tensor, ...]]:
-    """``(seq, module key, args)`` of a call frame (large args: views of ``seg``)."""
+) -> tuple[int, tuple[int, int], tuple[torch.Tensor, ...], dict[str, Any]]:
+    """``(seq, module key, args, kwargs)`` of a call frame (large tensors: views of ``seg``)."""
     _, seq, k0, k1 = _CALL_HEAD.unpack_from(data)
-    return seq, (k0, k1), read_args(data, _CALL_HEAD.size, seg)
+    return seq, (k0, k1), *read_args(data, _CALL_HEAD.size, seg)
 
 
 def reply_frame(
     compute_s: float, result: Any, limit: int, seg: Segment | None = None
 ) -> bytes | None:
-    """The reply of a call whose result is one plain tensor: inline up to ``limit`` bytes,
-    else copied into ``seg`` (the worker's response segment, which the parent has mapped)
-    when it fits there; None otherwise (the result is pickled, in an ``Ok``)."""
+    """The reply of a call whose result is one plain tensor, or a tuple or list (nested, with
+    None among them) of distinct plain tensors: each inline up to ``limit`` bytes, else copied
+    into ``seg`` (the worker's response segment, which the parent has mapped) when they all
+    fit there; None otherwise (the result is pickled, in an ``Ok``)."""
+    if type(result) is not torch.Tensor:  # tuple and list only: a NamedTuple keeps its class
+        if type(result) is not tuple and type(result) is not list:
+            return None
+        out: list[bytes] = []
+        state = _Placing(limit, seg)
+        try:
+            state.node(result, out, 0)
+        except _Unframed:
+            return None
+        sid = seg.sid if seg is not None and state.at else -1
+        return _REPLY_HEAD.pack(REPLY, compute_s, sid, state.at) + b"".join(out)
     code = _code(result)
     if code is None:
         return None
-    if result.nbytes <= limit:
-        out = [_REPLY_HEAD.pack(REPLY, compute_s, -1)]
+    nbytes = result.nbytes
+    if nbytes <= limit:
+        out = [_REPLY_HEAD.pack(REPLY, compute_s, -1, 0)]
         strides = _head(code, result, out)
         out.append(span_bytes(result, strides))
-    elif seg is not None and result.nbytes <= seg.size:
-        out = [_REPLY_HEAD.pack(REPLY, compute_s, seg.sid)]
+    elif seg is not None and nbytes <= seg.size:
+        out = [_REPLY_HEAD.pack(REPLY, compute_s, seg.sid, nbytes)]
         strides = _head(code | SHARED, result, out)
         out.append(_SHARED_AT.pack(0))
         copy_into(seg.view(0, result.dtype, tuple(result.shape), strides), result.detach())
@@ -225,20 +307,85 @@ def reply_frame(
     return b"".join(out)
 
 
+class _Unframed(Exception):
+    """The result cannot travel in a frame: it is pickled."""
+
+
+class _Placing:
+    """Encodes a result of several tensors: where the next large one goes in the segment,
+    which tensors it holds already (one met twice is pickled, to arrive as one), how many
+    nodes it has."""
+
+    def __init__(self, limit: int, seg: Segment | None) -> None:
+        self.limit = limit
+        self.seg = seg
+        self.at = 0
+        self.seen: set[int] = set()
+        self.nodes = 0
+
+    def node(self, value: Any, out: list[bytes], depth: int) -> None:
+        self.nodes += 1
+        if self.nodes > _MAX_NODES or depth > 16:
+            raise _Unframed
+        if type(value) is torch.Tensor:
+            code = _code(value)
+            if code is None or id(value) in self.seen:
+                raise _Unframed
+            self.seen.add(id(value))
+            if value.nbytes <= self.limit:
+                out.append(span_bytes(value, _head(code, value, out)))
+                return
+            seg, at = self.seg, self.at
+            if seg is None or at + value.nbytes > seg.size:
+                raise _Unframed
+            strides = _head(code | SHARED, value, out)
+            out.append(_SHARED_AT.pack(at))
+            copy_into(seg.view(at, value.dtype, tuple(value.shape), strides), value.detach())
+            self.at = round_up(at + value.nbytes)
+        elif _scalar(value, out):
+            pass
+        elif (type(value) is tuple or type(value) is list) and len(value) <= 255:
+            out.append(_TENSOR_HEAD.pack(_TUPLE if type(value) is tuple else _LIST, len(value)))
+            for v in value:
+                self.node(v, out, depth + 1)
+        else:
+            raise _Unframed
+
+
+def _read_node(
+    data: bytes, base: int, off: int, seg: Segment | None, copy: bool = True
+) -> tuple[Any, int]:
+    """The value at ``off``: a tensor (see :func:`_unpack` for ``copy``), a scalar, None, or a
+    tuple or list of such values."""
+    code, count = _TENSOR_HEAD.unpack_from(data, off)
+    if code < _FLOAT or code > _NONE:
+        return _unpack(data, base, off, seg, copy)
+    off += _TENSOR_HEAD.size
+    if code == _NONE:
+        return None, off
+    if code == _BOOL:
+        return bool(count), off
+    if code == _INT:
+        return _INT_VALUE.unpack_from(data, off)[0], off + _INT_VALUE.size
+    if code == _FLOAT:
+        return _FLOAT_VALUE.unpack_from(data, off)[0], off + _FLOAT_VALUE.size
+    items = []
+    for _ in range(count):
+        item, off = _read_node(data, base, off, seg, copy)
+        items.append(item)
+    return (tuple(items) if code == _TUPLE else items), off
+
+
 def reply_shared_bytes(data: bytes) -> int:
     """How many bytes of shared memory a reply frame's result occupies (0: inline)."""
-    code, ndim = _TENSOR_HEAD.unpack_from(data, _REPLY_HEAD.size)
-    if not code & SHARED:
-        return 0
-    shape = _SHAPES[ndim].unpack_from(data, _REPLY_HEAD.size + _TENSOR_HEAD.size)
-    return numel(shape) * _DTYPES[code & _DTYPE].itemsize
+    return int(_REPLY_HEAD.unpack_from(data)[3])
 
 
-def read_reply(data: bytes, seg: Segment | None = None) -> tuple[float, torch.Tensor]:
-    """``(compute_s, result)`` of a reply frame; a large result is copied out of ``seg``,
-    which must be the segment the worker wrote it to."""
-    _, compute_s, sid = _REPLY_HEAD.unpack_from(data)
+def read_reply(data: bytes, seg: Segment | None = None) -> tuple[float, Any]:
+    """``(compute_s, result)`` of a reply frame; large tensors are copied out of ``seg``,
+    which must be the segment the worker wrote them to."""
+    _, compute_s, sid, _ = _REPLY_HEAD.unpack_from(data)
     if sid != -1 and (seg is None or seg.sid != sid):
         raise ValueError(f"a reply frame names segment {sid}, which this process has not mapped")
-    result, _ = _unpack(data, _address(data), _REPLY_HEAD.size, seg, copy=True)
+    result, _ = _read_node(data, _address(data), _REPLY_HEAD.size, seg)
     return compute_s, result

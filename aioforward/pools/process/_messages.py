@@ -44,7 +44,8 @@ class CallMsg(NamedTuple):
     ``seq``: the call's number (the parent writes it into the control word to cancel it);
     ``stream``: for a streaming call, the items the worker may send ahead (its credits);
     ``control``: the control segment's sid, with the first call only;
-    ``binary``: ``body`` is an args section of ``_frames`` (tensors alone), not a pickle.
+    ``binary``: ``body`` is an args section of ``_frames`` (tensors, plain keywords), not a
+    pickle.
     (A call that needs none of the other fields travels as a bare ``_frames`` call frame.)"""
 
     new: tuple[SegmentRef, ...]

@@ -630,9 +630,9 @@ class ProcessBackend(Backend):
     def prepare(self, c: Call) -> Any:
         key, ref = self.shipper.reference(c.module)
         box: tr.Outbox | None
-        if ref[0] == "m" and not c.kwargs:
+        if ref[0] == "m":
             # The common call: its tensors in a binary frame, no pickle (see _frames).
-            framed = fr.encode_small(c.args, self.inline_bytes)
+            framed = fr.encode_small(c.args, self.inline_bytes, c.kwargs)
             if framed is not None:
                 args, box = framed
                 if box is not None:

@@ -344,7 +344,8 @@ def table_bytes(table: list[tuple[int, str, tuple[int, ...]]]) -> int:
     return sum(numel(shape) * _dtype(dt).itemsize for _, dt, shape in table)
 
 
-def _round(n: int) -> int:
+def round_up(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`ALIGN` (where a segment's next tensor goes)."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -430,7 +431,7 @@ class Outbox:
         :func:`dense_strides`); return the offset it will have there."""
         at = self._end
         self.big.append((t.detach(), strides))
-        self._end += _round(t.numel() * t.element_size())
+        self._end += round_up(t.numel() * t.element_size())
         return at
 
     def dumps(self, obj: Any) -> bytes:
@@ -473,7 +474,7 @@ class Outbox:
         for t, strides in self.big:
             copy_into(seg.view(off, t.dtype, tuple(t.shape), strides), t)
             table.append((off, _dtype_name(t.dtype), tuple(t.shape)))
-            off += _round(t.numel() * t.element_size())
+            off += round_up(t.numel() * t.element_size())
         return table
 
 
@@ -561,7 +562,7 @@ def ship_module(
         if key not in places and st.nbytes() > 0:
             places[key] = size
             storages.append((size, st))
-            size += _round(st.nbytes())
+            size += round_up(st.nbytes())
     seg = None
     if size:
         check_room(size, max_bytes, memfd)

@@ -213,11 +213,11 @@ class _Server:
                 self.spin = False  # set again by the reply of a short call (_reply)
                 if data[0] == fr.CALL:  # the common call, in a frame of its own
                     sid = self.request_sid
-                    seq, key, args = fr.read_call(
+                    seq, key, args, kwargs = fr.read_call(
                         data, self.segments[sid] if sid is not None else None
                     )
                     del data  # not kept alive while the call runs
-                    self._framed(seq, key, args)
+                    self._framed(seq, key, args, kwargs)
                     continue
                 msg = pickle.loads(data)
                 del data
@@ -250,20 +250,26 @@ class _Server:
             if sid is not None and sid not in self.weights_of.values():
                 self.segments.pop(sid, None)
 
-    def _framed(self, seq: int, key: tuple[int, int], args: tuple[torch.Tensor, ...]) -> None:
+    def _framed(
+        self,
+        seq: int,
+        key: tuple[int, int],
+        args: tuple[torch.Tensor, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
         """A call frame: the per-call path of a shipped module and small tensors. It does what
         :meth:`_call` does for such a call, in fewer steps."""
         fn = self.modules.get(key)
         if fn is None:  # cannot happen (the parent ships a module first); _call reports it
-            self._call(CallMsg((), None, [], (), None, b"", seq, ref=("m", key)), args)
+            self._call(CallMsg((), None, [], (), None, b"", seq, ref=("m", key)), (args, kwargs))
             return
         t0 = time.perf_counter()
         _cancel.set_process_seq(seq)
         try:
             _cancel.check_cancelled()  # cancelled while it was on its way
             with _inference():
-                out = fn(*args)
-            del args
+                out = fn(*args, **kwargs)
+            del args, kwargs
         except BaseException as exc:
             self._raised(exc)
             return
@@ -283,8 +289,11 @@ class _Server:
             os._exit(OOM_EXIT)
         _send(self.conn, Raised(encode_exception(exc)))
 
-    def _call(self, msg: CallMsg, framed: tuple[Any, ...] | None = None) -> None:
-        """Run one call (``framed``: its arguments, read from a call frame) and reply."""
+    def _call(
+        self, msg: CallMsg, framed: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    ) -> None:
+        """Run one call (``framed``: its arguments and keyword arguments, read from a call
+        frame) and reply."""
         t0 = time.perf_counter()
         _cancel.set_process_seq(msg.seq)
         try:
@@ -297,10 +306,10 @@ class _Server:
                 )
             seg = self.segments[msg.request] if msg.request is not None else None
             kwargs: dict[str, Any]
-            if framed is not None or msg.binary:  # a shipped module's ref, tensors alone
+            if framed is not None or msg.binary:  # a shipped module's ref, an args section
                 assert msg.ref is not None
-                ref, kwargs = msg.ref, {}
-                args = framed if framed is not None else fr.read_args(msg.body, 0, seg)
+                ref = msg.ref
+                args, kwargs = framed if framed is not None else fr.read_args(msg.body, 0, seg)
                 framed = None
             elif msg.ref is not None:
                 ref = msg.ref
