@@ -268,6 +268,12 @@ def test_ctrl_c_again_leaves_a_thread_that_never_returns(tmp_path: Path) -> None
     time.sleep(1.0)  # the program ended with KeyboardInterrupt; its exit waits for the threads
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGINT)
+    ended_within(proc, 5)
+
+
+def ended_within(proc: subprocess.Popen[str], seconds: float) -> None:
+    """``proc``, just sent Ctrl-C, ends within ``seconds`` with KeyboardInterrupt (or is
+    killed, failing the test, leaving nothing behind)."""
     t0 = time.monotonic()
     try:
         _, err = proc.communicate(timeout=20)
@@ -275,9 +281,41 @@ def test_ctrl_c_again_leaves_a_thread_that_never_returns(tmp_path: Path) -> None
         if proc.poll() is None:  # it hangs: fail, leaving nothing behind
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < seconds
     assert proc.returncode in (-signal.SIGINT, 130), err
     assert err.rstrip().endswith("KeyboardInterrupt"), err
+
+
+def test_ctrl_c_ends_an_async_with_block_whose_thread_never_returns(tmp_path: Path) -> None:
+    """In ``async with ThreadPool()`` under asyncio.run, Ctrl-C cancels the task, whose
+    ``aclose`` waits for the stuck thread; the next raises KeyboardInterrupt and the exit
+    waits for it; the one after ends the program. It took a fourth: the thread that runs
+    ``aclose`` went on waiting, and the exit joins it (a stranger's trial)."""
+    path = script(
+        tmp_path,
+        """
+        import asyncio, aioforward as af
+        from tests import models as M
+
+        async def main():
+            async with af.ThreadPool(workers=1) as pool:
+                print("go", flush=True)
+                await pool.forward(M.Sleep(3600))
+
+        if __name__ == "__main__":
+            asyncio.run(main())
+        """,
+    )
+    proc = start_script(path, new_session=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "go\n"
+    time.sleep(0.5)
+    for _ in range(2):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None  # a thread in time.sleep holds the close, then the exit
+    os.killpg(proc.pid, signal.SIGINT)
+    ended_within(proc, 5)
 
 
 @pytest.mark.timeout(90)

@@ -244,6 +244,7 @@ class PoolCore:
         self._changed = threading.Condition(self._lock)  # any change of state or counts
         self._state = _State.OPEN
         self._ending = False  # the last worker is gone: the backend is being closed
+        self._given_up = False  # Ctrl-C again at exit: nobody waits for the threads any more
         self._started = False
         self._all: set[Worker] = set()  # live workers: starting, idle or busy
         self._idle: list[Worker] = []  # ready and idle; a stack keeps warm workers warm
@@ -724,6 +725,8 @@ class PoolCore:
             while True:
                 late = None
                 with self._lock:
+                    if self._given_up:
+                        return  # its threads are left to the interpreter's exit
                     if self._state is _State.CLOSED:
                         stopped, self._stopped = self._stopped, []
                         break
@@ -734,7 +737,7 @@ class PoolCore:
                 if late:
                     # (where warnings are errors, the close still has to finish its work)
                     with contextlib.suppress(RuntimeWarning):
-                        warnings.warn(late, RuntimeWarning, stacklevel=3)
+                        warnings.warn(late, RuntimeWarning, stacklevel=_user_stacklevel())
             for w in stopped:
                 w.join(10)
             self.backend.join(10)
@@ -767,6 +770,11 @@ class PoolCore:
             queued = list(self._queue)
             running = [(w, w.item) for w in self._all if w.item is not None]
             wait = not hurry or all(w.interruptible for w in self._all)
+            if not wait:
+                # A close already waiting (aclose in a thread of its own, which the exit
+                # joins) stops waiting too, or the program would need Ctrl-C once more.
+                self._given_up = True
+                self._changed.notify_all()
         for item in queued:
             item.future.cancel()
         for w, item in running:
@@ -791,6 +799,26 @@ class PoolCore:
     def finalize(self) -> None:
         """The ``Pool`` was garbage-collected without ``close()``: finish queued calls, stop."""
         self.shutdown(wait=False, queued=_Queued.RUN)
+
+
+_NOT_USER = (
+    os.path.dirname(os.path.dirname(__file__)),  # aioforward itself
+    os.path.dirname(anyio.__file__),  # aclose's thread
+    threading.__file__,  # the interpreter's exit
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller name the first line of
+    the stack outside aioforward, anyio and threading (the user's ``close()``); 1, the
+    caller's own line, where there is none (``aclose`` closes in a thread of its own)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        if not frame.f_code.co_filename.startswith(_NOT_USER):
+            return level
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return 1
 
 
 def _complete(fut: ForwardFuture[Any], result: Any, exc: BaseException | None) -> bool:
