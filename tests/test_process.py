@@ -117,6 +117,17 @@ async def test_s3_unpicklable_module_fails_at_submit(shared: af.ProcessPool) -> 
         shared.submit(m, torch.zeros(1, 10))
     assert shared.stats().busy == 0
 
+    class Local(M.Tiny):  # a subclass defined here: workers cannot import it
+        pass
+
+    with pytest.raises(
+        af.SerializationError,
+        match=r"class tests\.test_process\.test_s3_unpicklable_module_fails_at_submit"
+        r"\.<locals>\.Local is defined inside a function.*Define it at the top level",
+    ):
+        shared.submit(Local(), torch.zeros(1, 10))
+    assert shared.stats().busy == 0
+
 
 async def test_s4_bad_inputs_fail_alone_among_good_ones(shared: af.ProcessPool) -> None:
     m = M.Echo()

@@ -105,6 +105,15 @@ class ModuleShipper:
         except SerializationError:  # shared memory is short: the message already says so
             raise
         except Exception as exc:
+            local = next((c for c in type(module).__mro__ if "<locals>" in c.__qualname__), None)
+            if local is not None:  # the common case, and its fix is simpler than a spec
+                raise SerializationError(
+                    f"cannot send module {type(module).__name__} to a worker process: its class "
+                    f"{local.__module__}.{local.__qualname__} is defined inside a function, and "
+                    "a worker can only rebuild classes it can import by name. Define it at the "
+                    "top level of a module or of your script (outside "
+                    '`if __name__ == "__main__":`)'
+                ) from exc
             where = tr.find_unpicklable(module)
             what = f"attribute {where}" if where else "it"
             raise SerializationError(
