@@ -25,6 +25,7 @@ import torch
 from ._transport import (
     Outbox,
     Segment,
+    as_bytes,
     copy_into,
     dense_strides,
     empty,
@@ -53,6 +54,7 @@ _FLOAT, _INT, _BOOL, _TUPLE, _LIST, _NONE = range(0x1A, 0x20)  # no dtype's code
 _INT_VALUE = struct.Struct("<q")
 _FLOAT_VALUE = struct.Struct("<d")
 _NAME = struct.Struct("<B")  # a keyword's length in bytes; its UTF-8 follows
+_NO_KEYWORDS = _COUNT.pack(0)
 _MAX_NODES = 256  # a larger result is pickled
 _DTYPES = (
     torch.float32,
@@ -107,20 +109,30 @@ def encode_small(
     None; with the :class:`Outbox` of the tensors over ``limit`` bytes, which
     ``Outbox.write`` places at the offsets the section names (None when all are inline).
     Checked and packed at once: this runs for every call."""
-    if len(args) > 255 or (kwargs is not None and len(kwargs) > 255):
+    n = len(args)
+    if kwargs:
+        if len(kwargs) > 255:
+            return None
+        ts = (*args, *kwargs.values())
+        if len(set(map(id, ts))) < len(ts):
+            return None  # a tensor passed twice is pickled, to arrive as one tensor
+    elif n > 1 and len(set(map(id, args))) < n:
         return None
-    ts = args if not kwargs else (*args, *kwargs.values())
-    if len(ts) > 1 and len(set(map(id, ts))) < len(ts):
-        return None  # a tensor passed twice is pickled, to arrive as one tensor
-    out = [_COUNT.pack(len(args))]
+    if n > 255:
+        return None
+    out = [_COUNT.pack(n)]
     box: Outbox | None = None
     for t in args:
         code = _code(t)
         if code is None:
             return None
-        box = _put(t, code, limit, out, box)
+        if t.nbytes <= limit:
+            strides = _head(code, t, out)
+            out.append(as_bytes(t) if strides is None else span_bytes(t, strides))
+        else:
+            box = _put(t, code, limit, out, box)
     if not kwargs:
-        out.append(_COUNT.pack(0))
+        out.append(_NO_KEYWORDS)
         return b"".join(out), box
     out.append(_COUNT.pack(len(kwargs)))
     for name, v in kwargs.items():
@@ -241,14 +253,16 @@ def read_args(
     large tensors are views of ``seg``, the request segment (no copy: the call runs on them
     there)."""
     base = _address(data)
-    (count,) = _COUNT.unpack_from(data, off)
-    off += _COUNT.size
+    count = data[off]  # a count is one byte (_COUNT)
+    off += 1
     args = []
     for _ in range(count):
         t, off = _unpack(data, base, off, seg, copy=False)
         args.append(t)
-    (count,) = _COUNT.unpack_from(data, off)
-    off += _COUNT.size
+    count = data[off]
+    if not count:
+        return tuple(args), {}
+    off += 1
     kwargs = {}
     for _ in range(count):
         (n,) = _NAME.unpack_from(data, off)
