@@ -239,9 +239,9 @@ class Facts(nn.Module):
     """What the module sees of each tensor it is given: layout, autograd, type, which of the
     others it is, and its values (a lazy conjugate applied)."""
 
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[Any]:
-        ts = [*args, *kwargs.values()]
-        return [
+    def forward(self, *args: torch.Tensor, **kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
+        ts = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        facts = [
             (
                 t.stride(),
                 t.requires_grad,
@@ -251,6 +251,23 @@ class Facts(nn.Module):
             )
             for t in ts
         ]
+        others = {
+            k: (type(v).__name__, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)
+        }
+        return facts, others
+
+
+class Fresh:
+    """Holds a tensor and pickles a new one made from it (a temporary, freed once pickled)."""
+
+    def __init__(self, v: torch.Tensor) -> None:
+        self.v = v
+
+    def __getstate__(self) -> torch.Tensor:
+        return self.v * 1
+
+    def __setstate__(self, state: torch.Tensor) -> None:
+        self.v = state
 
 
 class Permute(nn.Module):

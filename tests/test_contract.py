@@ -91,6 +91,8 @@ async def test_tensors_arrive_as_a_direct_call_sees_them(
         ((small, big), {}),  # plain tensors alone: a process pool's binary frame
         ((small, small, big, big), {}),
         ((small,), {"w": weight, "c": conj, "b": big, "again": small}),
+        # keywords a process pool's frame carries: a large tensor, None, a bool, numbers
+        ((small,), {"mask": big, "past": None, "use_cache": False, "k": 2, "t": 0.5}),
     ]
     async with make_pool(1) as pool:
         for args, kwargs in calls:

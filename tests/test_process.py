@@ -126,6 +126,19 @@ async def test_s3_unpicklable_module_fails_at_submit(shared: af.ProcessPool) -> 
         r"\.<locals>\.Local is defined inside a function.*Define it at the top level",
     ):
         shared.submit(Local(), torch.zeros(1, 10))
+    outer = M.Tiny()
+    outer.b = Local()  # a submodule's class: named too
+    with pytest.raises(af.SerializationError, match=r"<locals>\.Local is defined inside"):
+        shared.submit(outer, torch.zeros(1, 10))
+
+    class SelfPickling(M.Tiny):  # local too, but it pickles (as fx's GraphModule does)
+        def __reduce__(self) -> Any:
+            return (M.Tiny, ())
+
+    outer.b = SelfPickling()
+    outer.lock = threading.Lock()  # what really cannot cross: named, not the class
+    with pytest.raises(af.SerializationError, match=r"attribute lock \(lock\) cannot be"):
+        shared.submit(outer, torch.zeros(1, 10))
     assert shared.stats().busy == 0
 
 
@@ -929,10 +942,30 @@ def test_frames_carry_keywords_layouts_and_results_of_several_tensors() -> None:
     assert got.keys() == kw.keys() and torch.equal(got.pop("mask"), mask)
     assert got == {k: v for k, v in kw.items() if k != "mask"}
     assert type(got["use_cache"]) is bool and type(got["top_k"]) is int
-    for refused in ({"name": "a"}, {"n": 1 << 63}, {"m": x}, {"p": torch.nn.Parameter(x)}):
+    for refused in (
+        {"name": "a"},
+        {"n": 1 << 63},
+        {"m": x},  # x twice: pickled, to arrive as one tensor
+        {"p": torch.nn.Parameter(x)},
+        {"\udc80": 1},  # a name that is no UTF-8
+    ):
         assert fr.encode_small((x,), 1 << 16, refused) is None, refused
+    flags = {"a": None, "b": None, "use_cache": False, "return_dict": False, "k": 1, "j": 1}
+    framed = fr.encode_small((x,), 1 << 16, flags)  # equal values, one object: still framed
+    assert framed is not None and fr.read_call(fr.call_frame(1, (2, 3), framed[0]))[3] == flags
+    big_mask = torch.randn(64, 64).t()  # 16 KiB over a 1,000-byte limit: in shared memory
+    framed = fr.encode_small((x,), 1000, {"mask": big_mask, "scale": 0.5})
+    assert framed is not None and framed[1] is not None
+    seg = tr.Segment.create("aiofwd_test_kw", 1 << 16, memfd=tr.MEMFD, keep_fd=False)
+    try:
+        framed[1].write(seg)
+        _, _, _, got = fr.read_call(fr.call_frame(1, (2, 3), framed[0]), seg)
+        assert torch.equal(got["mask"], big_mask) and got["mask"].stride() == big_mask.stride()
+        assert got["mask"].untyped_storage().data_ptr() == seg.buf.data_ptr()  # a view
+    finally:
+        seg.release()
 
-    small, big = torch.randn(3).t(), torch.randn(40, 30).t()  # big: 4,800 bytes, transposed
+    small, big = torch.randn(3, 2).t(), torch.randn(40, 30).t()  # big: 4,800 bytes
     result = (small, [None, (big, 3, 2.5, True)], [])
     seg = tr.Segment.create("aiofwd_test_tree", 1 << 16, memfd=tr.MEMFD, keep_fd=False)
     try:
@@ -948,14 +981,30 @@ def test_frames_carry_keywords_layouts_and_results_of_several_tensors() -> None:
         assert torch.equal(a, small) and torch.equal(b, big) and b.stride() == big.stride()
         two_big = (big, big.clone(), torch.randn(150, 100))  # 60 KB more: over 64 KiB in all
         assert fr.reply_frame(0.5, two_big[:2], 1000, seg) is not None
+        seg.buf.zero_()
         assert fr.reply_frame(0.5, two_big, 1000, seg) is None  # does not fit: an Ok
+        assert not seg.buf.any()  # and nothing was copied for it
         assert fr.reply_frame(0.5, (small, big), 1000, None) is None  # no segment yet
     finally:
         seg.release()
     assert fr.reply_frame(0.5, (small, small), 1 << 16) is None  # one tensor twice: pickled
     assert fr.reply_frame(0.5, M.Point(small, "a"), 1 << 16) is None  # its class: pickled
     assert fr.reply_frame(0.5, (small, "text"), 1 << 16) is None
-    assert fr.reply_frame(0.5, [small] * 300, 1 << 16) is None  # over 255 items
+    assert fr.reply_frame(0.5, [torch.ones(1) for _ in range(300)], 1 << 16) is None  # > 255
+
+
+def test_a_tensor_met_twice_in_a_message_arrives_once_and_no_other_does() -> None:
+    """The pickled path sends a tensor met again as a reference to the first, and only that
+    tensor: a temporary made while pickling (here by __getstate__) is freed after, and the
+    next one may get its id."""
+    from aioforward.pools.process import _transport as tr
+
+    x = torch.randn(3)
+    box = tr.Outbox()
+    data = box.dumps([x, x, *[M.Fresh(torch.tensor(float(i))) for i in range(6)]])
+    a, b, *fresh = tr.loads(data, None, [], copy=True)
+    assert a is b and torch.equal(a, x)
+    assert [f.v.item() for f in fresh] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
 def test_frames_place_large_tensors_in_shared_memory() -> None:

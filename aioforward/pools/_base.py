@@ -802,8 +802,8 @@ class PoolCore:
 
 
 _NOT_USER = (
-    os.path.dirname(os.path.dirname(__file__)),  # aioforward itself
-    os.path.dirname(anyio.__file__),  # aclose's thread
+    os.path.dirname(os.path.dirname(__file__)) + os.sep,  # aioforward itself
+    os.path.dirname(anyio.__file__) + os.sep,  # aclose's thread
     threading.__file__,  # the interpreter's exit
 )
 

@@ -133,14 +133,18 @@ def _pack(obj: Any) -> Any:
 
         class _Pickler(cloudpickle.CloudPickler):
             arrays: list[np.ndarray[Any, Any]]
-            seen: dict[int, Any]  # a tensor met again arrives as the same tensor
+            # a tensor met again arrives as the same tensor; each is kept alive (as pickle's
+            # memo does), or a temporary's id could come back for another
+            seen: dict[int, tuple[Any, torch.Tensor]]
 
             def persistent_id(self, o: Any) -> Any:
                 if type(o) is torch.Tensor and _viewable(o):
-                    pid = self.seen.get(id(o))  # o is alive until dump returns
-                    if pid is None:
-                        self.arrays.append(o.reshape(-1).view(torch.uint8).numpy())
-                        pid = self.seen[id(o)] = (len(self.arrays) - 1, o.dtype, tuple(o.shape))
+                    hit = self.seen.get(id(o))
+                    if hit is not None:
+                        return hit[0]
+                    self.arrays.append(o.reshape(-1).view(torch.uint8).numpy())
+                    pid = (len(self.arrays) - 1, o.dtype, tuple(o.shape))
+                    self.seen[id(o)] = (pid, o)
                     return pid
                 return None
 

@@ -1,17 +1,18 @@
-"""Binary frames for the common call: a shipped module applied to a few plain tensors, and
-a reply that is one plain tensor, or a tuple or list of them.
+"""Binary frames for the common call: a shipped module applied to plain tensors, with
+keyword arguments that are plain tensors or simple values, and a reply that is a plain
+tensor, or a tuple or list of them.
 
 Such a call skips pickle on both sides (a pickled call runs the pickler's Python callback
 for every object, and unpickling a message looks its class up by name): a fixed
 little-endian header, then each tensor as its dtype code and flags, its shape, its strides
 when it is dense in another layout than contiguous (channels_last, a transpose), then its
 bytes inline (at most the pool's ``inline_bytes``) or, for a larger one, its offset in shared
-memory: the
-worker's request segment for arguments, its response segment for a result, both already
-mapped on the other side. A pickle (protocol 2 and above) starts with ``0x80``, so the
-first byte tells a frame from a pickled message. Everything else (keyword arguments,
-containers, a segment the other side has not mapped yet, module loads, streams) travels
-pickled as before.
+memory: the worker's request segment for arguments, its response segment for a result, both
+already mapped on the other side. A value that is not a tensor (None, a bool, an int, a
+float, a tuple or list) takes a tensor head's place with a code no dtype has. A pickle
+(protocol 2 and above) starts with ``0x80``, so the first byte tells a frame from a pickled
+message. Everything else (other values, a tensor named twice, a segment the other side has
+not mapped yet, module loads, streams) travels pickled.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from ._transport import (
     span_bytes,
 )
 
-CALL = 0x01  # parent -> worker: seq, module key, then the argument tensors
-REPLY = 0x02  # worker -> parent: compute seconds, then the result tensor
+CALL = 0x01  # parent -> worker: seq, module key, then the args section
+REPLY = 0x02  # worker -> parent: compute seconds, where the result lies, then the result
 
 _CALL_HEAD = struct.Struct("<Bqqq")  # tag, seq, module key (id, version); then the args
-_COUNT = struct.Struct("<B")  # the args section: how many tensors, then each
+_COUNT = struct.Struct("<B")  # the args section: how many tensors, each; how many keywords,
+# each as its name and its value
 _REPLY_HEAD = struct.Struct("<Bdqq")  # tag, compute_s, response segment's sid (or -1), and
 # how many of its bytes the result occupies (0: all inline)
 _TENSOR_HEAD = struct.Struct("<BB")  # dtype code | flags, ndim; the shape follows
@@ -55,6 +57,7 @@ _INT_VALUE = struct.Struct("<q")
 _FLOAT_VALUE = struct.Struct("<d")
 _NAME = struct.Struct("<B")  # a keyword's length in bytes; its UTF-8 follows
 _NO_KEYWORDS = _COUNT.pack(0)
+_SCALARS = (type(None), bool, int, float)  # the values besides tensors a frame carries
 _MAX_NODES = 256  # a larger result is pickled
 _DTYPES = (
     torch.float32,
@@ -113,8 +116,13 @@ def encode_small(
     if kwargs:
         if len(kwargs) > 255:
             return None
-        ts = (*args, *kwargs.values())
-        if len(set(map(id, ts))) < len(ts):
+        ts = list(args)
+        for v in kwargs.values():
+            if type(v) is torch.Tensor:
+                ts.append(v)
+            elif type(v) not in _SCALARS:
+                return None  # seen before any bytes are copied
+        if len(ts) > 1 and len(set(map(id, ts))) < len(ts):
             return None  # a tensor passed twice is pickled, to arrive as one tensor
     elif n > 1 and len(set(map(id, args))) < n:
         return None
@@ -136,7 +144,10 @@ def encode_small(
         return b"".join(out), box
     out.append(_COUNT.pack(len(kwargs)))
     for name, v in kwargs.items():
-        raw = name.encode()
+        try:
+            raw = name.encode()
+        except UnicodeEncodeError:  # a lone surrogate
+            return None
         if len(raw) > 255:
             return None
         out.append(_NAME.pack(len(raw)))
@@ -300,7 +311,9 @@ def reply_frame(
         try:
             state.node(result, out, 0)
         except _Unframed:
-            return None
+            return None  # before any copy: the pickled reply copies each tensor once
+        for dst, src in state.copies:
+            copy_into(dst, src.detach())
         sid = seg.sid if seg is not None and state.at else -1
         return _REPLY_HEAD.pack(REPLY, compute_s, sid, state.at) + b"".join(out)
     code = _code(result)
@@ -336,6 +349,7 @@ class _Placing:
         self.at = 0
         self.seen: set[int] = set()
         self.nodes = 0
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # into the segment, at end
 
     def node(self, value: Any, out: list[bytes], depth: int) -> None:
         self.nodes += 1
@@ -354,7 +368,7 @@ class _Placing:
                 raise _Unframed
             strides = _head(code | SHARED, value, out)
             out.append(_SHARED_AT.pack(at))
-            copy_into(seg.view(at, value.dtype, tuple(value.shape), strides), value.detach())
+            self.copies.append((seg.view(at, value.dtype, tuple(value.shape), strides), value))
             self.at = round_up(at + value.nbytes)
         elif _scalar(value, out):
             pass
@@ -371,9 +385,10 @@ def _read_node(
 ) -> tuple[Any, int]:
     """The value at ``off``: a tensor (see :func:`_unpack` for ``copy``), a scalar, None, or a
     tuple or list of such values."""
-    code, count = _TENSOR_HEAD.unpack_from(data, off)
+    code = data[off]
     if code < _FLOAT or code > _NONE:
         return _unpack(data, base, off, seg, copy)
+    count = data[off + 1]
     off += _TENSOR_HEAD.size
     if code == _NONE:
         return None, off

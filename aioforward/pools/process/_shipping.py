@@ -105,10 +105,19 @@ class ModuleShipper:
         except SerializationError:  # shared memory is short: the message already says so
             raise
         except Exception as exc:
-            local = next((c for c in type(module).__mro__ if "<locals>" in c.__qualname__), None)
+            # the class of the module or of a submodule is defined in a function (pickle says
+            # so, naming it; a class that pickles itself, fx's GraphModule, is left alone)
+            local = next(
+                (
+                    type(m)
+                    for m in module.modules()
+                    if "<locals>" in type(m).__qualname__ and type(m).__qualname__ in str(exc)
+                ),
+                None,
+            )
             if local is not None:  # the common case, and its fix is simpler than a spec
                 raise SerializationError(
-                    f"cannot send module {type(module).__name__} to a worker process: its class "
+                    f"cannot send module {type(module).__name__} to a worker process: a class "
                     f"{local.__module__}.{local.__qualname__} is defined inside a function, and "
                     "a worker can only rebuild classes it can import by name. Define it at the "
                     "top level of a module or of your script (outside "

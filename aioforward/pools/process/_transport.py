@@ -395,15 +395,15 @@ def span_bytes(t: torch.Tensor, strides: tuple[int, ...] | None) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.nbytes)
 
 
+REQUIRES_GRAD = 1  # a pickled tensor's flags: it requires grad
+IS_PARAMETER = 2  # it is a Parameter
+
+
 def rebuild(t: torch.Tensor, flags: int) -> torch.Tensor:
-    """``t`` with the ``flags`` its sender recorded (:data:`GRAD`, :data:`PARAM`)."""
-    if flags & PARAM:
-        return torch.nn.Parameter(t, requires_grad=bool(flags & GRAD))
-    return t.requires_grad_() if flags & GRAD else t
-
-
-GRAD = 1  # a tensor's flags: it requires grad
-PARAM = 2  # it is a Parameter
+    """``t`` with the flags its sender recorded (:data:`REQUIRES_GRAD`, :data:`IS_PARAMETER`)."""
+    if flags & IS_PARAMETER:
+        return torch.nn.Parameter(t, requires_grad=bool(flags & REQUIRES_GRAD))
+    return t.requires_grad_() if flags & REQUIRES_GRAD else t
 
 
 def is_plain(t: torch.Tensor) -> bool:
@@ -424,7 +424,9 @@ class Outbox:
         self.inline_bytes = inline_bytes
         self.big: list[tuple[torch.Tensor, tuple[int, ...] | None]] = []  # and its strides
         self._end = 0  # where the next large tensor goes in the segment
-        self._seen: dict[int, int] = {}  # id of a tensor pickled -> its index among them
+        # id of a tensor pickled -> its index among them, and the tensor, kept alive as
+        # pickle's own memo does: a temporary (from a __reduce__) would free its id for the next
+        self._seen: dict[int, tuple[int, torch.Tensor]] = {}
 
     def add(self, t: torch.Tensor, strides: tuple[int, ...] | None = None) -> int:
         """Keep ``t`` aside to copy into shared memory (laid out by ``strides``, from
@@ -444,15 +446,14 @@ class Outbox:
     def _persistent_id(self, obj: Any) -> Any:
         if not isinstance(obj, torch.Tensor) or not is_plain(obj):
             return None
-        # pickle's memo does not see persistent ids: a tensor met again (the objects
-        # pickled are alive until dump returns, so their ids are theirs) becomes a reference
+        # pickle's memo does not see persistent ids: a tensor met again becomes a reference
         # to the first, loaded in the same order
-        index = self._seen.get(id(obj))
-        if index is not None:
-            return ("a", index)
-        self._seen[id(obj)] = len(self._seen)
-        flags = (GRAD if obj.requires_grad else 0) | (
-            PARAM if isinstance(obj, torch.nn.Parameter) else 0
+        seen = self._seen.get(id(obj))
+        if seen is not None:
+            return ("a", seen[0])
+        self._seen[id(obj)] = (len(self._seen), obj)
+        flags = (REQUIRES_GRAD if obj.requires_grad else 0) | (
+            IS_PARAMETER if isinstance(obj, torch.nn.Parameter) else 0
         )
         t = obj.detach()
         if t.is_conj() or t.is_neg():  # lazy: not in the bytes
